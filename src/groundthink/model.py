@@ -179,7 +179,8 @@ class GroundThinkLM(nn.Module):
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
                                  f"got {tuple(labels.shape)}")
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            wide = torch.promote_types(logits.dtype, torch.float32)
+            loss = F.cross_entropy(logits.to(wide).flatten(0, 1), labels.flatten(), ignore_index=-100)
         return LMOutput(logits=logits, loss=loss, internals=internals if return_internals else None)
 
     # ------------------------------------------------------------------ accounting

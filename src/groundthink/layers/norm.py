@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in float32."""
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in at least float32."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -16,9 +16,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 because the mean of squares of bf16 activations loses too many bits.
-        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        # At least float32 because the mean of squares of bf16 activations loses too many bits.
+        x_wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        y = x_wide * torch.rsqrt(x_wide.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(x_wide.dtype)).to(x.dtype)
 
 
 class GatedRMSNorm(RMSNorm):
