@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GroundThinkConfig
+from .generation import DecodingCache, check_sampling, empty_cache, sample_next_token
 from .layers import CausalSelfAttention, GatedDeltaNet, RMSNorm, SlidingWindowAttention, SwiGLU
 
 
@@ -183,6 +185,153 @@ class GroundThinkLM(nn.Module):
             loss = F.cross_entropy(logits.to(wide).flatten(0, 1), labels.flatten(), ignore_index=-100)
         return LMOutput(logits=logits, loss=loss, internals=internals if return_internals else None)
 
+    # ------------------------------------------------------------------ decoding
+    def new_cache(self, batch: int) -> DecodingCache:
+        """An empty decoding cache for `batch` sequences, on the model's device and dtype."""
+        weight = self.embed.weight
+        has_memory = [block.layer_type == "swa" and block.mixer.has_memory for block in self.blocks]
+        return empty_cache(self.config, self.config.layer_types, has_memory, batch, weight.device, weight.dtype)
+
+    def check_cache(self, cache: DecodingCache, batch: int) -> None:
+        """Raise ValueError when a cache does not belong to this model or this batch size."""
+        if not isinstance(cache, DecodingCache) or len(cache.layers) != len(self.blocks):
+            raise ValueError("cache must be a DecodingCache from this model's new_cache or prefill, "
+                             f"got {type(cache).__name__}")
+        if cache.batch_size != batch:
+            raise ValueError(f"cache holds {cache.batch_size} sequences but {batch} were passed; "
+                             "start a new cache with model.new_cache(batch) for a different batch size")
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, cache: DecodingCache | None = None) -> tuple[torch.Tensor, DecodingCache]:
+        """Run input_ids [B, T] in parallel, continuing from `cache` (None starts a new one).
+
+        Returns (logits [B, T, vocab], cache); the cache is updated in place and holds the
+        state after all tokens so far. Any split of a sequence into prefill pieces and steps
+        gives the logits of one forward pass over it. No gradients are recorded.
+        """
+        self.check_input_ids(input_ids)
+        B, T = input_ids.shape
+        cache = self.new_cache(B) if cache is None else cache
+        self.check_cache(cache, B)
+        start = cache.position
+        x = self.embed(input_ids)                                                  # [B, T, D]
+
+        # block_memory [B, n, H, K, V]: the combined memory at each block start in start .. start + T - 1.
+        block_memory, n_feeding = None, 0
+        for i, (block, layer_cache) in enumerate(zip(self.blocks, cache.layers)):
+            h = block.mixer_norm(x)
+            if block.layer_type == "gdn":
+                block_size = self.config.memory_block if self.feeds_memory[i] else None
+                y, block_states = block.mixer.prefill(h, layer_cache, start, block_size)
+                if self.feeds_memory[i]:
+                    n_feeding += 1
+                    block_memory = self.combine_memory(block_memory, block_states, i, n_feeding)
+            elif block.layer_type == "swa":
+                y = block.mixer.prefill(h, layer_cache, start, block_memory)
+            else:
+                y = block.mixer.prefill(h, layer_cache, start)
+            x = x + y
+            x = x + block.ffn(block.ffn_norm(x))
+
+        cache.position = start + T
+        return self.lm_head(self.final_norm(x)), cache                             # [B, T, vocab]
+
+    @torch.no_grad()
+    def step(self, token_ids: torch.Tensor, cache: DecodingCache) -> torch.Tensor:
+        """Feed one token per sequence, token_ids [B] (or [B, 1]); return logits [B, vocab].
+
+        The cache is updated in place. At a block start (position % M == 0) every SWA layer's
+        memory snapshot is refreshed from the GDN states before this token. No gradients.
+        """
+        if isinstance(token_ids, torch.Tensor) and token_ids.dim() == 1:
+            token_ids = token_ids[:, None]
+        self.check_input_ids(token_ids)
+        if token_ids.shape[1] != 1:
+            raise ValueError(f"step takes one token per sequence, got token_ids of shape {tuple(token_ids.shape)}; "
+                             "use prefill for several tokens")
+        B = token_ids.shape[0]
+        self.check_cache(cache, B)
+        position = cache.position
+        new_block = position % self.config.memory_block == 0
+        x = self.embed(token_ids)                                                  # [B, 1, D]
+
+        memory, n_feeding = None, 0
+        for i, (block, layer_cache) in enumerate(zip(self.blocks, cache.layers)):
+            h = block.mixer_norm(x)
+            if block.layer_type == "gdn":
+                if self.feeds_memory[i] and new_block:
+                    n_feeding += 1
+                    memory = self.combine_memory(memory, layer_cache.S, i, n_feeding)
+                y = block.mixer.step(h, layer_cache)
+            elif block.layer_type == "swa":
+                if block.mixer.has_memory and new_block:
+                    layer_cache.memory = memory.to(layer_cache.memory.dtype)
+                y = block.mixer.step(h, layer_cache, position)
+            else:
+                y = block.mixer.step(h, layer_cache, position)
+            x = x + y
+            x = x + block.ffn(block.ffn_norm(x))
+
+        cache.position = position + 1
+        return self.lm_head(self.final_norm(x))[:, 0]                              # [B, vocab]
+
+    def generate_stream(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Return an iterator over max_new_tokens new token ids, one LongTensor [B] at a time,
+        that follow the prompt input_ids [B, T].
+
+        The prompt runs through prefill, every new token through step. Sampling as in
+        generation.sample_next_token (temperature 0 is greedy); `seed` fixes the draws.
+        Invalid arguments raise ValueError here, before the first token is computed.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"invalid max_new_tokens={max_new_tokens!r}: must be an integer >= 0")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"invalid seed={seed!r}: must be an integer, or None for unseeded draws")
+        check_sampling(temperature, top_k, top_p)
+        self.check_input_ids(input_ids)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=input_ids.device)
+            generator.manual_seed(seed)
+        return self._sample_tokens(input_ids, max_new_tokens, temperature, top_k, top_p, generator)
+
+    @torch.no_grad()
+    def _sample_tokens(self, input_ids, max_new_tokens, temperature, top_k, top_p, generator) -> Iterator[torch.Tensor]:
+        if max_new_tokens == 0:
+            return
+        logits, cache = self.prefill(input_ids)
+        token = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)
+        yield token
+        for _ in range(max_new_tokens - 1):
+            logits = self.step(token, cache)
+            token = sample_next_token(logits, temperature, top_k, top_p, generator)
+            yield token
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """Generate max_new_tokens tokens after the prompt input_ids [B, T]; returns only the new
+        ids, LongTensor [B, max_new_tokens]. Arguments as in generate_stream."""
+        tokens = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed))
+        if not tokens:
+            return input_ids.new_zeros(input_ids.shape[0], 0, dtype=torch.long)
+        return torch.stack(tokens, dim=1)
+
     # ------------------------------------------------------------------ accounting
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -208,24 +357,27 @@ class GroundThinkLM(nn.Module):
     def state_bytes(self, batch: int = 1, dtype: torch.dtype = torch.float32, context: int = 0) -> dict[str, int]:
         """Bytes a decoding run holds per component after `context` tokens.
 
-        gdn: recurrent state [B, H, K, V] in float32 plus the short-conv tail
-        [B, conv_size - 1, H * (2K + V)] in dtype; swa: ring buffer of the last W rotated keys and
-        values [B, W, 2D] in dtype plus, for layers with a global pathway, the memory snapshot
-        [B, H, K, V] in float32; attention: keys and values of all `context` tokens [B, context, 2D].
+        gdn: recurrent state [B, H, K, V] in float32 (float64 when dtype is float64) plus the
+        short-conv tails [B, conv_size - 1, H * (2K + V)] in dtype; swa: ring buffer of the last W
+        rotated keys and values [B, W, 2D] in dtype plus, for layers with a global pathway, the
+        memory snapshot [B, H, K, V] in the state's dtype; attention: keys and values of all
+        `context` tokens [B, context, 2D]. Equals `prefill(...)[1].nbytes_by_component()` after
+        `context` tokens (generation.DecodingCache).
         """
         c = self.config
         item = torch.empty((), dtype=dtype).element_size()
+        state_item = 8 if dtype == torch.float64 else 4
         H, K, V, D = c.n_heads, c.head_dim, c.value_dim, c.d_model
         out = {"gdn": 0, "swa": 0, "attention": 0}
         for block in self.blocks:
             if block.layer_type == "gdn":
-                out["gdn"] += batch * H * K * V * 4
+                out["gdn"] += batch * H * K * V * state_item
                 if c.use_short_conv:
                     out["gdn"] += batch * (c.conv_size - 1) * H * (2 * K + V) * item
             elif block.layer_type == "swa":
                 out["swa"] += batch * c.window_size * 2 * D * item
                 if block.mixer.has_memory:
-                    out["swa"] += batch * H * K * V * 4
+                    out["swa"] += batch * H * K * V * state_item
             else:
                 out["attention"] += batch * context * 2 * D * item
         out["total"] = sum(out.values())

@@ -9,9 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import GroundThinkConfig
+from ..generation import GDNCache
 from ..ops import gated_delta_rule, resolve_backend
-from ..ops.gated_delta_rule import chunk_gated_delta_rule
-from ..ops.gated_delta_rule.checks import l2norm
+from ..ops.gated_delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from ..ops.gated_delta_rule.checks import accumulation_dtype, l2norm
 from .norm import GatedRMSNorm, RMSNorm
 
 
@@ -27,6 +28,16 @@ class ShortConv(nn.Module):
         # x: [B, T, channels]; left padding makes output t depend on inputs t-conv_size+1 .. t.
         y = self.conv(F.pad(x.transpose(1, 2), (self.conv_size - 1, 0)))
         return F.silu(y.transpose(1, 2))
+
+    def forward_with_tail(self, x: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Convolve x [B, T, channels] that follows the inputs `tail` [B, conv_size - 1, channels].
+
+        Returns (output [B, T, channels], the new tail: the last conv_size - 1 inputs). A zero
+        tail gives the same output as forward, whose left padding is zeros.
+        """
+        window = torch.cat([tail, x], dim=1)                                        # [B, conv_size - 1 + T, channels]
+        y = self.conv(window.transpose(1, 2))
+        return F.silu(y.transpose(1, 2)), window[:, window.shape[1] - tail.shape[1]:]
 
 
 class GatedDeltaNet(nn.Module):
@@ -114,34 +125,120 @@ class GatedDeltaNet(nn.Module):
             info["block_states"] = block_states
 
         # Gated RMSNorm per head, merge heads, project out.
-        if self.config.use_output_gate:
-            o = self.o_norm(o, self.g_proj(x).view(B, T, H, V))
-        else:
-            o = self.o_norm(o)
-        y = self.o_proj(o.reshape(B, T, H * V))
+        y = self.output(o, x)
 
         if return_internals:
             info.update(beta=beta, g=g, q=q, k=k, v=v, final_state=S)
         return y, info
 
-    def block_kernel(self, q, k, v, g, beta, memory_block: int):
-        """Run the kernel; return (o, final_state, block_states [B, ceil(T / M), H, K, V])."""
+    def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Gated RMSNorm of o [B, T, H, V] per head, merge heads, project out to [B, T, D]."""
+        B, T, H, V = o.shape
+        if self.config.use_output_gate:
+            o = self.o_norm(o, self.g_proj(x).view(B, T, H, V))
+        else:
+            o = self.o_norm(o)
+        return self.o_proj(o.reshape(B, T, H * V))
+
+    def block_kernel(self, q, k, v, g, beta, memory_block: int, initial_state=None, start: int = 0):
+        """Run the kernel on tokens start .. start + T - 1 from initial_state (None for zeros).
+
+        Returns (o, final_state, block_states [B, n, H, K, V]): the states before every absolute
+        position n * M in [start, start + T), i.e. ceil(T / M) of them when start = 0.
+        """
+        B, T, H, K = q.shape
+        M = memory_block
         backend, _ = resolve_backend(self.config.backend, q.device)
         if backend == "torch":
+            # The chunk kernel returns states at multiples of C from its first token, so a head of
+            # tokens up to the next absolute multiple of C runs first; it holds no block start.
             C = self.config.chunk_size
-            o, S, chunk_states = chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True,
+            head = min(T, (-start) % C)
+            S, outputs = initial_state, []
+            if head:
+                o, S = chunk_gated_delta_rule(q[:, :head], k[:, :head], v[:, :head], g[:, :head], beta[:, :head],
+                                              initial_state=S, output_final_state=True, chunk_size=C)
+                outputs.append(o)
+            if head == T:
+                no_states = q.new_zeros(B, 0, H, K, v.shape[-1], dtype=accumulation_dtype(v.dtype))
+                return outputs[0], S, no_states
+            rest = slice(head, T)
+            o, S, chunk_states = chunk_gated_delta_rule(q[:, rest], k[:, rest], v[:, rest], g[:, rest], beta[:, rest],
+                                                        initial_state=S, output_final_state=True,
                                                         chunk_size=C, output_chunk_states=True)
-            return o, S, chunk_states[:, :: memory_block // C]
+            outputs.append(o)
+            first_block = ((-(start + head)) % M) // C                             # first chunk that starts a block
+            o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+            return o, S, chunk_states[:, first_block:: M // C]
 
         # NOTE: the fla kernel returns no chunk states, so the sequence goes through it one memory
         # block at a time, chaining final states. This path has not been run on a GPU in the tests.
-        B, T, H, K = q.shape
-        S = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
+        S = initial_state
+        if S is None:
+            S = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
         outputs, states = [], []
-        for start in range(0, T, memory_block):
-            block = slice(start, start + memory_block)
-            states.append(S)
+        position = start
+        while position < start + T:
+            end = min(start + T, (position // M + 1) * M)
+            block = slice(position - start, end - start)
+            if position % M == 0:
+                states.append(S)
             o, S = gated_delta_rule(q[:, block], k[:, block], v[:, block], g[:, block], beta[:, block],
                                     initial_state=S, output_final_state=True, backend=backend)
             outputs.append(o)
+            position = end
+        if not states:
+            return torch.cat(outputs, dim=1), S, S.new_zeros(B, 0, *S.shape[1:])
         return torch.cat(outputs, dim=1), S, torch.stack(states, dim=1)
+
+    def project(self, x: torch.Tensor, cache: GDNCache):
+        """Project x [B, T, D] and run the short convolutions from the cached tails.
+
+        Returns q, k [B, T, H, K] (unit norm), v [B, T, H, V], beta, g [B, T, H]; updates the tails.
+        """
+        B, T, _ = x.shape
+        H, K, V = self.n_heads, self.head_dim, self.value_dim
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.config.use_short_conv:
+            q, cache.q_tail = self.q_conv.forward_with_tail(q, cache.q_tail)
+            k, cache.k_tail = self.k_conv.forward_with_tail(k, cache.k_tail)
+            v, cache.v_tail = self.v_conv.forward_with_tail(v, cache.v_tail)
+        q = l2norm(q.view(B, T, H, K))
+        k = l2norm(k.view(B, T, H, K))
+        v = v.view(B, T, H, V)
+        beta, g = self.gates(x)
+        return q, k, v, beta, g
+
+    def prefill(
+        self,
+        x: torch.Tensor,
+        cache: GDNCache,
+        start: int,
+        memory_block: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mix tokens start .. start + T - 1, x [B, T, D], continuing from the cache; update the cache.
+
+        Returns (y [B, T, D], block_states): with memory_block M, block_states [B, n, H, K, V]
+        are the states before every absolute position n * M in [start, start + T); else None.
+        """
+        q, k, v, beta, g = self.project(x, cache)
+
+        if memory_block is None:
+            o, S = gated_delta_rule(q, k, v, g, beta, initial_state=cache.S, output_final_state=True,
+                                    chunk_size=self.config.chunk_size, backend=self.config.backend)
+            block_states = None
+        else:
+            o, S, block_states = self.block_kernel(q, k, v, g, beta, memory_block, cache.S, start)
+        cache.S = S.to(cache.S.dtype)
+
+        return self.output(o, x), block_states
+
+    def step(self, x: torch.Tensor, cache: GDNCache) -> torch.Tensor:
+        """Mix one token per sequence, x [B, 1, D], with the recurrent kernel; update the cache.
+
+        The state stays in the cache's dtype (float32 for a bf16 model) between steps.
+        """
+        q, k, v, beta, g = self.project(x, cache)
+        o, S = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=cache.S, output_final_state=True)
+        cache.S = S.to(cache.S.dtype)
+        return self.output(o, x)

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import GroundThinkConfig
+from ..generation import SWACache
 from .rope import apply_rope, rope_angles
 
 
@@ -133,3 +134,99 @@ class SlidingWindowAttention(nn.Module):
         if return_internals:
             info.update(memory=memory, slot_weights=slot_weights, gate=gate)
         return self.o_proj(y.reshape(B, T, D)), info
+
+    def mix(self, x: torch.Tensor, local: torch.Tensor, global_out: torch.Tensor | None) -> torch.Tensor:
+        """Mix local and global outputs [B, T, H, d] by the gate of x [B, T, D]; project out.
+
+        Without a global pathway (global_out None) the local output is projected alone.
+        """
+        B, T, H, d = local.shape
+        if global_out is None:
+            return self.o_proj(local.reshape(B, T, H * d))
+        gate = torch.sigmoid(self.gate_proj(x))                                    # [B, T, H]
+        y = gate[..., None] * global_out + (1 - gate[..., None]) * local
+        return self.o_proj(y.reshape(B, T, H * d))
+
+    def prefill(
+        self,
+        x: torch.Tensor,
+        cache: SWACache,
+        start: int,
+        block_memory: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mix tokens start .. start + T - 1, x [B, T, D], continuing from the cache; update the cache.
+
+        block_memory [B, n, H, K, V] holds the combined memories at the absolute block starts
+        n * M in [start, start + T); a block that began before `start` reads cache.memory.
+        """
+        B, T, D = x.shape
+        H, d, W, M = self.n_heads, self.head_dim, self.window, self.memory_block
+
+        # Project, split heads and rotate at the absolute positions.
+        q = self.q_proj(x).view(B, T, H, d)
+        k = self.k_proj(x).view(B, T, H, d)
+        v = self.v_proj(x).view(B, T, H, d)
+        cos, sin = rope_angles(torch.arange(start, start + T, device=x.device), d, self.config.rope_theta)
+        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        # Local path: the last min(start, W) cached keys go in front, with zero queries whose
+        # outputs are dropped, so sliding_window_attention sees each query's full window.
+        n_past = min(start, W)
+        past = torch.arange(start - n_past, start, device=x.device) % W             # ring slots, oldest first
+        k_all = torch.cat([cache.keys[:, past], k_rot], dim=1)                     # [B, n_past + T, H, d]
+        v_all = torch.cat([cache.values[:, past], v], dim=1)
+        q_all = torch.cat([q_rot.new_zeros(B, n_past, H, d), q_rot], dim=1)
+        local = sliding_window_attention(q_all.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), W)
+        local = local.transpose(1, 2)[:, n_past:]                                  # [B, T, H, d]
+
+        # Store the last min(T, W) rotated keys and values in their ring slots.
+        n_new = min(T, W)
+        slots = torch.arange(start + T - n_new, start + T, device=x.device) % W
+        cache.keys[:, slots] = k_rot[:, T - n_new:]
+        cache.values[:, slots] = v[:, T - n_new:]
+
+        if not self.has_memory:
+            return self.mix(x, local, None)
+
+        # Global path: memories of every block the piece touches, the first one from the cache
+        # when the piece starts inside a block; queries are shifted to align with the blocks.
+        offset = start % M
+        n_blocks = (offset + T + M - 1) // M
+        memory = block_memory if offset == 0 else torch.cat([cache.memory[:, None], block_memory], dim=1)
+        if memory.shape[:3] != (B, n_blocks, H):
+            raise ValueError(f"block_memory for tokens {start} .. {start + T - 1} must have shape "
+                             f"[{B}, {n_blocks - (offset > 0)}, {H}, K, V], got {tuple(block_memory.shape)}")
+        cache.memory = memory[:, -1].to(cache.memory.dtype)
+        q_aligned = F.pad(q, (0, 0, 0, 0, offset, 0))                              # [B, offset + T, H, d]
+        global_out, _ = self.read_memory(q_aligned, memory)
+        return self.mix(x, local, global_out[:, offset:])
+
+    def step(self, x: torch.Tensor, cache: SWACache, position: int) -> torch.Tensor:
+        """Mix one token per sequence at absolute `position`, x [B, 1, D]; update the ring buffer.
+
+        The global path reads cache.memory, which the model refreshes at every block start.
+        """
+        B, _, D = x.shape
+        H, d, W = self.n_heads, self.head_dim, self.window
+
+        # Project, split heads and rotate.
+        q = self.q_proj(x).view(B, 1, H, d)
+        k = self.k_proj(x).view(B, 1, H, d)
+        v = self.v_proj(x).view(B, 1, H, d)
+        cos, sin = rope_angles(torch.tensor([position], device=x.device), d, self.config.rope_theta)
+        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        # Write the token into its slot, then attend over the filled slots (their order does not
+        # matter to softmax attention): slots 0 .. position before the ring wraps, all W after.
+        slot = position % W
+        cache.keys[:, slot] = k_rot[:, 0]
+        cache.values[:, slot] = v[:, 0]
+        n_filled = min(position + 1, W)
+        keys, values = cache.keys[:, :n_filled], cache.values[:, :n_filled]
+        local = F.scaled_dot_product_attention(q_rot.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
+        local = local.transpose(1, 2)                                              # [B, 1, H, d]
+
+        if not self.has_memory:
+            return self.mix(x, local, None)
+        global_out, _ = self.read_memory(q, cache.memory[:, None])                 # memory [B, 1, H, K, V]
+        return self.mix(x, local, global_out)
