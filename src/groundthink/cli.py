@@ -20,13 +20,15 @@ from typing import Any, Callable
 from groundthink.checkpoint import CheckpointError
 from groundthink.config import ConfigError
 from groundthink.data import TOKENIZERS, DataConfig, DataError, load_splits, read_text_source
+from groundthink.probes.trace import ProbeInputError
 from groundthink.shakespeare import CorpusUnavailableError
 from groundthink.tokenizer import TokenizerError
 
 log = logging.getLogger("groundthink")
 
 # Errors that carry a message for the user; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, CorpusUnavailableError, FloatingPointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, CorpusUnavailableError, FloatingPointError,
+               ProbeInputError)
 
 
 @dataclass
@@ -180,12 +182,27 @@ def _suite_ppl(args: argparse.Namespace, model, tokenizer, extra: dict[str, Any]
 EVAL_SUITES: dict[str, Callable[..., dict[str, Any]]] = {"ppl": _suite_ppl}
 
 
+# ---------------------------------------------------------------------------- probe
+def _add_probe_arguments(parser: argparse.ArgumentParser) -> None:
+    from groundthink.probes.command import add_probe_arguments
+
+    add_probe_arguments(parser)
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from groundthink.probes.command import run_probe_command
+
+    return run_probe_command(args)
+
+
 # ---------------------------------------------------------------------------- entry point
 COMMANDS: dict[str, Command] = {
     "train": Command("train a model on text (default: Shakespeare's complete works)", _add_train_arguments,
                      _cmd_train),
     "eval": Command("score a checkpoint on text: loss, perplexity, bits per character/byte", _add_eval_arguments,
                     _cmd_eval),
+    "probe": Command("measure what the GDN memory stores and who reads it; writes report.html and probes.json",
+                     _add_probe_arguments, _cmd_probe),
 }
 
 
