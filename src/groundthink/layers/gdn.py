@@ -39,6 +39,16 @@ class ShortConv(nn.Module):
         y = self.conv(window.transpose(1, 2))
         return F.silu(y.transpose(1, 2)), window[:, window.shape[1] - tail.shape[1]:]
 
+    def step(self, x: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Convolve one token x [B, 1, channels] after `tail`; returns (output [B, 1, channels], new tail).
+
+        A weighted sum over the conv_size inputs, because conv1d on one output position costs
+        about ten times as much on CPU.
+        """
+        window = torch.cat([tail, x], dim=1)                                        # [B, conv_size, channels]
+        y = (window * self.conv.weight[:, 0].t()).sum(dim=1, keepdim=True)
+        return F.silu(y), window[:, 1:]
+
 
 class GatedDeltaNet(nn.Module):
     """GDN mixer writing a [H, K, V] memory per sequence with the gated delta rule.
@@ -191,8 +201,9 @@ class GatedDeltaNet(nn.Module):
             return torch.cat(outputs, dim=1), S, S.new_zeros(B, 0, *S.shape[1:])
         return torch.cat(outputs, dim=1), S, torch.stack(states, dim=1)
 
-    def project(self, x: torch.Tensor, cache: GDNCache):
-        """Project x [B, T, D] and run the short convolutions from the cached tails.
+    def project(self, x: torch.Tensor, cache: GDNCache, one_token: bool):
+        """Project x [B, T, D] and run the short convolutions from the cached tails (with
+        ShortConv.step when one_token, T = 1).
 
         Returns q, k [B, T, H, K] (unit norm), v [B, T, H, V], beta, g [B, T, H]; updates the tails.
         """
@@ -200,9 +211,10 @@ class GatedDeltaNet(nn.Module):
         H, K, V = self.n_heads, self.head_dim, self.value_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.config.use_short_conv:
-            q, cache.q_tail = self.q_conv.forward_with_tail(q, cache.q_tail)
-            k, cache.k_tail = self.k_conv.forward_with_tail(k, cache.k_tail)
-            v, cache.v_tail = self.v_conv.forward_with_tail(v, cache.v_tail)
+            convolve = ShortConv.step if one_token else ShortConv.forward_with_tail
+            q, cache.q_tail = convolve(self.q_conv, q, cache.q_tail)
+            k, cache.k_tail = convolve(self.k_conv, k, cache.k_tail)
+            v, cache.v_tail = convolve(self.v_conv, v, cache.v_tail)
         q = l2norm(q.view(B, T, H, K))
         k = l2norm(k.view(B, T, H, K))
         v = v.view(B, T, H, V)
@@ -221,7 +233,7 @@ class GatedDeltaNet(nn.Module):
         Returns (y [B, T, D], block_states): with memory_block M, block_states [B, n, H, K, V]
         are the states before every absolute position n * M in [start, start + T); else None.
         """
-        q, k, v, beta, g = self.project(x, cache)
+        q, k, v, beta, g = self.project(x, cache, one_token=False)
 
         if memory_block is None:
             o, S = gated_delta_rule(q, k, v, g, beta, initial_state=cache.S, output_final_state=True,
@@ -238,7 +250,7 @@ class GatedDeltaNet(nn.Module):
 
         The state stays in the cache's dtype (float32 for a bf16 model) between steps.
         """
-        q, k, v, beta, g = self.project(x, cache)
+        q, k, v, beta, g = self.project(x, cache, one_token=True)
         o, S = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=cache.S, output_final_state=True)
         cache.S = S.to(cache.S.dtype)
         return self.output(o, x)
