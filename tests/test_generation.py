@@ -265,3 +265,79 @@ def test_step_rejects_mismatched_cache():
         model.step(torch.tensor([VOCAB, 1]), cache)
     with pytest.raises(ValueError, match="DecodingCache"):
         model.step(torch.tensor([1, 1]), make_model("GG").new_cache(2))
+
+
+# ---------------------------------------------------------------------------- command line
+TEXT = "to be, or not to be: that is the question.\n"
+
+
+@pytest.fixture
+def char_checkpoint(tmp_path):
+    """A run folder with one checkpoint of an untrained GSGS model and a char tokenizer."""
+    from groundthink.checkpoint import save_checkpoint
+    from groundthink.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.train(TEXT)
+    config = GroundThinkConfig(vocab_size=tokenizer.vocab_size, d_model=16, n_heads=2, head_dim=8, expand_v=1.0,
+                               layer_pattern="GSGS", window_size=W, memory_block=M, chunk_size=C, init_std=0.3)
+    model = GroundThinkLM(config).eval()
+    run_config = {"model": config.to_dict(), "data": {"path": "", "seq_len": 16}, "train": {}}
+    save_checkpoint(tmp_path, model=model, tokenizer=tokenizer, run_config=run_config, step=1)
+    return tmp_path, model, tokenizer
+
+
+def test_cli_generate_streams_greedy_text(char_checkpoint, capsys):
+    """Guards against the command printing text other than the prompt plus the model's greedy tokens."""
+    from groundthink.cli import main
+
+    run_dir, model, tokenizer = char_checkpoint
+    prompt = "to be"
+    assert main(["generate", str(run_dir), "--prompt", prompt, "--max-new-tokens", "30", "--temperature", "0"]) == 0
+    ids = torch.as_tensor(tokenizer.encode(prompt))[None]
+    expected = prompt + tokenizer.decode(model.generate(ids, 30, temperature=0)[0].numpy()) + "\n"
+    assert capsys.readouterr().out == expected
+
+
+def test_cli_generate_seed_repeats(char_checkpoint, capsys):
+    """Guards against --seed not fixing the sampled text."""
+    from groundthink.cli import main
+
+    run_dir, _, _ = char_checkpoint
+    argv = ["generate", str(run_dir), "--prompt", "not", "--max-new-tokens", "25", "--top-k", "5", "--top-p", "0.9"]
+    outputs = []
+    for seed in ("1", "1", "2"):
+        assert main([*argv, "--seed", seed]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+    assert outputs[0] != outputs[2]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "to", "--max-new-tokens", "-2"], "max_new_tokens=-2"),
+    (["--prompt", "to", "--top-p", "2"], "top_p=2.0"),
+    (["--prompt", "to", "--temperature", "-1"], "temperature=-1.0"),
+])
+def test_cli_generate_bad_input(char_checkpoint, capsys, extra, message):
+    """Guards against bad generate options ending in a traceback instead of one error line."""
+    from groundthink.cli import main
+
+    run_dir, _, _ = char_checkpoint
+    assert main(["generate", str(run_dir), *extra]) == 1
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_stream_text_holds_partial_utf8():
+    """Guards against printing U+FFFD for a character whose UTF-8 bytes span several BPE tokens."""
+    from groundthink.cli import _stream_text
+    from groundthink.tokenizer import BPETokenizer
+
+    tokenizer = BPETokenizer.train("plain ascii text only\n" * 20, vocab_size=260)
+    text = "tea in 東京 ∑ ok"
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text), "multi-byte characters must span several tokens for this check"
+    pieces = list(_stream_text(tokenizer, (torch.tensor([i]) for i in ids)))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)

@@ -195,6 +195,68 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return run_probe_command(args)
 
 
+# ---------------------------------------------------------------------------- generate
+def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path,
+                        help="run folder (its latest checkpoint is used) or a checkpoints/step-N folder")
+    parser.add_argument("--prompt", required=True, help="text to continue; must encode to at least one token")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="number of tokens to generate (default 200)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="softmax temperature; 0 always picks the most likely token (default 1.0)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="sample only among the K most likely tokens (default: all tokens)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="sample only among the most likely tokens whose probabilities sum to P, "
+                             "0 < P <= 1 (default: all tokens)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampler, for repeatable output")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+
+def _stream_text(tokenizer, tokens):
+    """Yield the decoded text of a stream of token ids [1], piece by piece.
+
+    A byte-level BPE token can end inside a UTF-8 character, which decodes as U+FFFD until the
+    rest arrives (at most 3 more tokens), so such a piece is held back that long.
+    """
+    pending: list[int] = []
+    for token in tokens:
+        pending.append(int(token[0]))
+        text = tokenizer.decode(pending)
+        if text.endswith("\ufffd") and len(pending) < 4:
+            continue
+        yield text
+        pending = []
+    if pending:
+        yield tokenizer.decode(pending)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from groundthink.checkpoint import load_checkpoint
+
+    model, tokenizer, _, _ = load_checkpoint(args.checkpoint, device=torch.device(args.device))
+    ids = tokenizer.encode(args.prompt)
+    if len(ids) == 0:
+        print("groundthink generate: error: --prompt is empty; pass at least one character of text", file=sys.stderr)
+        return 1
+    prompt = torch.as_tensor(ids, dtype=torch.long, device=torch.device(args.device))[None]     # [1, T]
+    try:
+        tokens = model.generate_stream(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                       top_p=args.top_p, seed=args.seed)
+    except ValueError as err:
+        print(f"groundthink generate: error: {err}", file=sys.stderr)
+        return 1
+
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    for text in _stream_text(tokenizer, tokens):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
 # ---------------------------------------------------------------------------- entry point
 COMMANDS: dict[str, Command] = {
     "train": Command("train a model on text (default: Shakespeare's complete works)", _add_train_arguments,
@@ -203,6 +265,8 @@ COMMANDS: dict[str, Command] = {
                     _cmd_eval),
     "probe": Command("measure what the GDN memory stores and who reads it; writes report.html and probes.json",
                      _add_probe_arguments, _cmd_probe),
+    "generate": Command("continue a prompt with a checkpoint, streaming the text as it is produced",
+                        _add_generate_arguments, _cmd_generate),
 }
 
 

@@ -140,9 +140,9 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise ValueError(f"invalid temperature={temperature!r}: must be a number >= 0 (0 picks the most likely token)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"invalid top_k={top_k!r}: must be an integer >= 1, or None to keep every token")
+        raise ValueError(f"invalid top_k={top_k!r}: must be an integer >= 1; leave it unset to keep every token")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise ValueError(f"invalid top_p={top_p!r}: must lie in (0, 1], or None to keep every token")
+        raise ValueError(f"invalid top_p={top_p!r}: must lie in (0, 1]; leave it unset to keep every token")
 
 
 def sample_next_token(
