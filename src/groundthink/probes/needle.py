@@ -141,8 +141,9 @@ def hidden_trace(hidden: np.ndarray, hidden_control: np.ndarray, ids: np.ndarray
     cos_needle = cos(h[query end], h[needle_match]); the mean and std of cos(h[query end], h[t])
     over other text positions t holding the same token id as the query end (all other text
     positions when there are none), z against them and the fraction below; and effect =
-    ||h[query end] - h_control[query end]|| / ||h_control[query end]||, which is 0 exactly
-    when nothing of the needle reaches the query.
+    ||h[query end] - h_control[query end]|| / ||h_control[query end]||. The effect is 0 up to
+    float rounding (about 1e-7: RoPE angles at positions shifted by the needle's length round
+    differently) when nothing of the needle reaches the query.
     """
     query_end = pos["query"][1] - 1
     h = hidden[query_end]

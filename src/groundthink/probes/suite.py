@@ -204,8 +204,8 @@ def run_needle(model, flat: np.ndarray, needle: Needle | None, settings: ProbeSe
 
 
 def gradient_batch(flat: np.ndarray, row_len: int, settings: ProbeSettings) -> torch.Tensor:
-    """Up to grad_rows rows of min(grad_seq_len, row_len) + 1 consecutive tokens from the text."""
-    length = min(settings.grad_seq_len, row_len) + 1
+    """Up to grad_rows rows of min(grad_seq_len + 1, row_len) consecutive tokens from the text."""
+    length = min(settings.grad_seq_len + 1, row_len)
     n_rows = min(settings.grad_rows, len(flat) // length)
     if n_rows < 1:
         raise ProbeNotApplicable(f"the text has {len(flat)} tokens, fewer than one gradient row of {length}")
