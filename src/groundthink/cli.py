@@ -257,6 +257,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- plan
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    from groundthink.plan import add_plan_arguments
+
+    add_plan_arguments(parser)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from groundthink.plan import run_plan_command
+
+    return run_plan_command(args)
+
+
 # ---------------------------------------------------------------------------- entry point
 COMMANDS: dict[str, Command] = {
     "train": Command("train a model on text (default: Shakespeare's complete works)", _add_train_arguments,
@@ -267,6 +280,8 @@ COMMANDS: dict[str, Command] = {
                      _add_probe_arguments, _cmd_probe),
     "generate": Command("continue a prompt with a checkpoint, streaming the text as it is produced",
                         _add_generate_arguments, _cmd_generate),
+    "plan": Command("estimate parameters, recurrent memory, training memory and decoding cache of a config",
+                    _add_plan_arguments, _cmd_plan),
 }
 
 
