@@ -1,0 +1,140 @@
+"""Real-text helpers of the text suites: corpus splits, token windows, per-token loss, greedy answers."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import EvalError, model_logits
+
+SPLITS = ("val", "train", "all")
+
+NAMES = (
+    "Alice", "Bruno", "Clara", "Dmitri", "Elena", "Felix", "Greta", "Hugo", "Irene", "Jonas",
+    "Karin", "Lucas", "Marta", "Nikos", "Olga", "Pablo", "Quinn", "Rosa", "Stefan", "Tamara",
+    "Ulrich", "Vera", "Walter", "Xenia", "Yusuf", "Zora", "Anton", "Bianca", "Cyril", "Dora",
+    "Emil", "Fiona", "Gregor", "Hanna", "Igor", "Julia", "Kasper", "Lena", "Milan", "Nora",
+    "Oskar", "Petra", "Rafael", "Sonja", "Tobias", "Ursula", "Viktor", "Wanda", "Yvonne", "Zeno",
+    "Arthur", "Beatrix", "Conrad", "Delia", "Edgar", "Flora", "Gideon", "Helga", "Isidor", "Jasmin",
+)
+"""Entity names of the entity-tracking and needle tests (letters only, distinct)."""
+
+OBJECTS = (
+    "apple", "basket", "candle", "drum", "feather", "glove", "hammer", "jacket", "kettle", "ladder",
+    "mirror", "needle", "orange", "pillow", "ribbon", "saddle", "teapot", "umbrella", "violin", "wagon",
+    "anchor", "bottle", "compass", "dagger", "engine", "flute", "guitar", "helmet", "island", "jewel",
+    "kite", "lantern", "marble", "notebook", "oyster", "pencil", "quilt", "rocket", "shovel", "ticket",
+    "unicorn", "vase", "whistle", "yacht", "zipper", "barrel", "cactus", "donkey", "falcon", "goblet",
+    "harp", "iceberg", "jug", "kayak", "lemon", "magnet", "napkin", "parrot", "radish", "sponge",
+)
+"""Attributes of the entity-tracking test (letters only, distinct)."""
+
+
+def load_text(path: str | Path | None, split: str = "val", val_fraction: float = 0.1) -> str:
+    """Read a UTF-8 corpus and return one split of its characters.
+
+    "val" is the last `val_fraction` of the characters (the text trainer's held-out split for
+    a file source), "train" the rest, "all" everything.
+    """
+    if not path:
+        raise EvalError("this suite needs real text: pass --text PATH (a UTF-8 file such as tinyshakespeare.txt)")
+    path = Path(path)
+    if split not in SPLITS:
+        raise EvalError(f"invalid split={split!r}: use one of {SPLITS}")
+    if not 0.0 < val_fraction < 1.0:
+        raise EvalError(f"invalid val_fraction={val_fraction!r}: must lie strictly between 0 and 1")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EvalError(f"text file not found: {path}") from None
+    except UnicodeDecodeError as err:
+        raise EvalError(f"text file {path} is not valid UTF-8 ({err}); convert it to UTF-8") from None
+    cut = int(len(text) * (1.0 - val_fraction))
+    part = {"val": text[cut:], "train": text[:cut], "all": text}[split]
+    if not part.strip():
+        raise EvalError(f"the {split} split of {path} is empty; use a longer file or another split")
+    return part
+
+
+def encode(tokenizer, text: str) -> np.ndarray:
+    """Token ids (int64) of text."""
+    return np.asarray(tokenizer.encode(text), dtype=np.int64)
+
+
+def encode_exact(tokenizer, text: str, what: str) -> np.ndarray:
+    """Token ids of text; raise EvalError when they do not decode back to the same text
+    (characters the tokenizer does not know, such as digits for a char vocabulary without them)."""
+    ids = encode(tokenizer, text)
+    back = tokenizer.decode(ids)
+    if back != text:
+        raise EvalError(f"the tokenizer cannot represent the {what} {text!r} (it decodes back as {back!r}); "
+                        "choose a value kind made of characters the tokenizer knows, e.g. value_kind=word")
+    return ids
+
+
+def words_of(text: str, min_length: int = 3, max_count: int | None = None) -> list[str]:
+    """Distinct lowercase alphabetic words of text, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for word in re.findall(r"[A-Za-z]+", text):
+        word = word.lower()
+        if len(word) >= min_length and word not in seen:
+            seen[word] = None
+            if max_count is not None and len(seen) >= max_count:
+                break
+    return list(seen)
+
+
+def token_windows(ids: np.ndarray, length: int, max_windows: int) -> np.ndarray:
+    """Up to max_windows non-overlapping windows [n, length] taken in order from ids."""
+    n = min(len(ids) // length, max_windows)
+    if n == 0:
+        raise EvalError(f"the text has {len(ids)} tokens, fewer than one window of {length}; "
+                        "use a shorter seq_len or a longer text")
+    return ids[: n * length].reshape(n, length)
+
+
+@torch.no_grad()
+def token_nll(model: nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Negative log-likelihood (nats) of windows[:, 1:] given the tokens before, [n, T - 1]."""
+    parts = []
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start:start + batch_size]
+        logits = model_logits(model, ids[:, :-1]).float()
+        targets = ids[:, 1:].to(logits.device)
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        parts.append(nll.view(targets.shape).cpu())
+    return torch.cat(parts, dim=0)
+
+
+def perplexity(nll: torch.Tensor) -> float:
+    """exp of the mean NLL, nan for no tokens."""
+    return math.exp(float(nll.mean())) if nll.numel() else float("nan")
+
+
+@torch.no_grad()
+def greedy_continuations(model: nn.Module, prompts: torch.Tensor, n_tokens: int, batch_size: int) -> torch.Tensor:
+    """Greedy continuation [n, n_tokens] of prompts [n, P] of equal length.
+
+    Each new token costs one full forward pass over the prompt and the tokens so far, so the
+    result is the argmax decoding of the parallel forward pass, without a decoding cache.
+    """
+    outputs = []
+    for start in range(0, prompts.shape[0], batch_size):
+        ids = prompts[start:start + batch_size]
+        for _ in range(n_tokens):
+            next_token = model_logits(model, ids)[:, -1].argmax(dim=-1).cpu()
+            ids = torch.cat([ids, next_token[:, None]], dim=1)
+        outputs.append(ids[:, prompts.shape[1]:])
+    return torch.cat(outputs, dim=0)
+
+
+def starts_with(generated: Sequence[int], answer: Sequence[int]) -> bool:
+    """Whether the generated ids begin with the answer ids."""
+    return len(generated) >= len(answer) and list(generated[: len(answer)]) == list(answer)

@@ -1,0 +1,198 @@
+"""A small training loop for synthetic tasks (MQAR) on generated batches.
+
+Every update draws a fresh batch from the seed sequence [seed, 0, step], so a run repeats
+exactly from its seed and never sees the evaluation examples, which come from [seed, 1].
+The optimizer follows the text trainer: AdamW with weight decay on matrices only, linear
+warm-up, cosine decay to min_lr, gradient clipping, and a finite-loss check before each update.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .common import EvalError, check_positive
+from .mqar import MQARTask, accuracy_from_logits, evaluate_mqar, generate_mqar
+
+log = logging.getLogger(__name__)
+
+TRAIN_STREAM, EVAL_STREAM = 0, 1
+
+
+@dataclass
+class TaskTraining:
+    """Optimisation settings of a synthetic-task run."""
+
+    max_steps: int = 2000
+    """Upper bound on optimizer updates; the cosine schedule spans this many (or the budget's estimate)."""
+    batch_size: int = 32
+    """Examples per update."""
+    lr: float = 2e-3
+    """Peak learning rate after warm-up."""
+    min_lr: float = 2e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    """Updates of linear warm-up."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay on matrices (none on norms, biases, gates and embeddings)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Maximum global gradient norm; 0 disables clipping."""
+    time_budget_s: float = 0.0
+    """Wall-clock limit in seconds (0: none). After `calibration_steps` updates the schedule is
+    shortened to the number of updates that fit, then the run stops at the limit."""
+    calibration_steps: int = 20
+    """Updates timed to size the schedule under a time budget."""
+    eval_every: int = 100
+    """Updates between evaluations on the fixed evaluation set."""
+    eval_examples: int = 256
+    """Examples of the evaluation set (drawn from the seed sequence [seed, 1])."""
+    target_accuracy: float = 1.0
+    """Stop once the evaluation accuracy reaches this value (1.0: never stop early unless perfect)."""
+    seed: int = 0
+    """Seed of the training batches and of the evaluation set."""
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "eval_every", "eval_examples", "calibration_steps"):
+            check_positive(name, getattr(self, name))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise EvalError(f"invalid seed={self.seed!r}: must be a non-negative integer")
+        if self.warmup_steps < 0:
+            raise EvalError(f"invalid warmup_steps={self.warmup_steps!r}: must be 0 or more")
+        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            raise EvalError(f"invalid lr={self.lr!r} / min_lr={self.min_lr!r}: need lr > 0 and 0 <= min_lr <= lr")
+        if self.time_budget_s < 0:
+            raise EvalError(f"invalid time_budget_s={self.time_budget_s!r}: must be 0 (no limit) or positive")
+        if not 0 < self.target_accuracy <= 1:
+            raise EvalError(f"invalid target_accuracy={self.target_accuracy!r}: must lie in (0, 1]")
+
+
+@dataclass
+class TaskHistory:
+    """What a synthetic-task run did, one entry per evaluation."""
+
+    steps: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    eval_accuracy: list[float] = field(default_factory=list)
+    planned_steps: int = 0
+    stop_reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices, none on 1-D/0-D parameters and embeddings."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.dim() >= 2 and "embed" not in name:
+            decay.append(parameter)
+        else:
+            no_decay.append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def learning_rate(settings: TaskTraining, step: int, total_steps: int) -> float:
+    """Linear warm-up to lr, then cosine decay to min_lr at total_steps."""
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    span = max(total_steps - settings.warmup_steps, 1)
+    progress = min((step - settings.warmup_steps) / span, 1.0)
+    return settings.min_lr + (settings.lr - settings.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_mqar(model: nn.Module, task: MQARTask, settings: TaskTraining,
+               on_eval: Callable[[int, float, float], None] | None = None) -> TaskHistory:
+    """Train `model` in place on MQAR batches; returns the evaluation history.
+
+    Loss and accuracy count query positions only. `on_eval(step, train_loss, accuracy)` is
+    called after every evaluation (for logging or checkpoints).
+    """
+    task.validate()
+    settings.validate()
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.lr,
+                                  betas=(settings.beta1, settings.beta2))
+    history = TaskHistory(planned_steps=settings.max_steps)
+    window = getattr(getattr(model, "config", None), "window_size", None)
+    start = time.perf_counter()
+    total_steps = settings.max_steps
+    recent_losses: list[float] = []
+
+    step = 0
+    while step < total_steps:
+        # Learning rate of this update.
+        lr = learning_rate(settings, step, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # Forward and backward on a fresh batch; loss on query positions only.
+        model.train()
+        batch = generate_mqar(task, settings.batch_size, seed=[settings.seed, TRAIN_STREAM, step])
+        out = model(batch.inputs.to(device), labels=batch.labels.to(device))
+        loss = out.loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite MQAR loss {loss.item()} at update {step} (lr {lr:.3g}); "
+                                     "lower lr or raise warmup_steps")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if settings.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        recent_losses.append(loss.item())
+        step += 1
+        elapsed = time.perf_counter() - start
+
+        # Under a time budget, shrink the schedule to the updates that fit.
+        if settings.time_budget_s and step == settings.calibration_steps:
+            fitting = int(settings.time_budget_s / (elapsed / step) * 0.95)
+            total_steps = max(step, min(settings.max_steps, fitting))
+            history.planned_steps = total_steps
+            log.info("time budget %.0f s: %.3f s per update, schedule set to %d updates",
+                     settings.time_budget_s, elapsed / step, total_steps)
+
+        # Evaluate on the fixed evaluation set; stop at the target accuracy or the time limit.
+        over_time = bool(settings.time_budget_s) and elapsed >= settings.time_budget_s
+        if step % settings.eval_every == 0 or step == total_steps or over_time:
+            model.eval()
+            result = evaluate_mqar(model, task, settings.eval_examples, seed=[settings.seed, EVAL_STREAM],
+                                   batch_size=settings.batch_size, window=window)
+            train_loss = sum(recent_losses) / len(recent_losses)
+            recent_losses.clear()
+            history.steps.append(step)
+            history.seconds.append(time.perf_counter() - start)
+            history.train_loss.append(train_loss)
+            history.eval_accuracy.append(result["accuracy"])
+            log.info("step %d/%d | loss %.4f | eval accuracy %.4f | lr %.2e | %.1f min", step, total_steps,
+                     train_loss, result["accuracy"], lr, history.seconds[-1] / 60)
+            if on_eval is not None:
+                on_eval(step, train_loss, result["accuracy"])
+            if result["accuracy"] >= settings.target_accuracy:
+                history.stop_reason = f"reached target accuracy {settings.target_accuracy}"
+                break
+            if over_time:
+                history.stop_reason = f"time budget of {settings.time_budget_s:.0f} s spent"
+                break
+    if not history.stop_reason:
+        history.stop_reason = f"schedule of {total_steps} updates done"
+    model.eval()
+    return history
+
+
+def batch_accuracy(model: nn.Module, task: MQARTask, examples: int, seed: int) -> float:
+    """Query accuracy of the model on one generated batch (a quick check for tests and logs)."""
+    batch = generate_mqar(task, examples, seed)
+    with torch.no_grad():
+        logits = model(batch.inputs.to(next(model.parameters()).device)).logits
+    correct, total = accuracy_from_logits(logits.cpu(), batch.labels)
+    return correct / total
