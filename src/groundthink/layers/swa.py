@@ -228,5 +228,19 @@ class SlidingWindowAttention(nn.Module):
 
         if not self.has_memory:
             return self.mix(x, local, None)
-        global_out, _ = self.read_memory(q, cache.memory[:, None])                 # memory [B, 1, H, K, V]
-        return self.mix(x, local, global_out)
+        return self.mix(x, local, self.read_snapshot(q, cache.memory))
+
+    def read_snapshot(self, q: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """Slot attention of q [B, T, H, d] over one memory [B, H, K, V]; returns [B, T, H, d].
+
+        Same result as read_memory with the projections moved off the K slots:
+        scores = (W_k^T q) . m_i and out = W_v (sum_i w_i m_i), so a token costs O(K V + V d)
+        per head instead of O(K V d) for projecting every slot.
+        """
+        d = q.shape[-1]
+        memory = memory.to(q.dtype)
+        q_slots = q @ self.state_k_proj.weight                                     # [B, T, H, V]
+        scores = torch.einsum("bthv,bhkv->bthk", q_slots, memory) * d ** -0.5
+        weights = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(dim=-1).to(q.dtype)
+        mixed = torch.einsum("bthk,bhkv->bthv", weights, memory)                   # [B, T, H, V]
+        return self.state_v_proj(mixed)
