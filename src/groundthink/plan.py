@@ -671,6 +671,53 @@ def measure_saved_tensor_bytes(model, input_ids, labels, autocast_dtype=None) ->
     return {"layers": layers, "head": head, "total": sum(layers) + head}
 
 
+def measure_training_step_peak(config: GroundThinkConfig, batch: int, seq_len: int,
+                               activation_checkpointing: bool = False, seed: int = 0) -> dict[str, int]:
+    """Measure the peak memory of one CPU training step as train.py runs it (forward, backward,
+    gradient clipping, AdamW step), float32.
+
+    A first step creates the AdamW state. The second runs under torch.profiler with
+    profile_memory=True, whose allocation and free events give the bytes allocated at every
+    moment: the peak is the tensors held at the step's start (weights and AdamW state) plus the
+    highest running sum of the events. Returns {"peak", "at_start", "parameters"} in bytes.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from groundthink.model import GroundThinkLM
+    from groundthink.train import enable_activation_checkpointing, parameter_groups
+
+    torch.manual_seed(seed)
+    model = GroundThinkLM(config)
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
+    groups = [{k: v for k, v in group.items() if k != "names"} for group in parameter_groups(model, 0.1)]
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1))
+    x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+    def step() -> None:
+        loss = model(x, labels=y).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    at_start = sum(p.numel() * p.element_size() for p in model.parameters())
+    at_start += sum(v.numel() * v.element_size() for state in optimizer.state.values()
+                    for v in state.values() if isinstance(v, torch.Tensor))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    running = highest = 0
+    for _, nbytes in events:
+        running += nbytes
+        highest = max(highest, running)
+    return {"peak": at_start + highest, "at_start": at_start, "parameters": model.num_parameters()}
+
+
 # ---------------------------------------------------------------------------- text output
 def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if abs(n) >= 1e5 else f"{n:,}"
