@@ -29,6 +29,33 @@ def _segment_sums(g: torch.Tensor) -> torch.Tensor:
     return sums.masked_fill(~lower, float("-inf"))
 
 
+def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+    """Return (I + strictly_lower(A))^-1 for A [..., C, C]; the diagonal and upper part are ignored.
+
+    Block forward substitution with batched matmuls: the inverses of the s x s diagonal blocks
+    give those of the 2s x 2s blocks through X21 = -X22 A21 X11, for s = 1, 2, 4, ...
+    It replaces torch.linalg.solve_triangular, whose batched CPU path solves the matrices one by
+    one and costs more than the rest of the kernel.
+    """
+    *batch, C = A.shape[:-1]
+    size = 1 << max(C - 1, 0).bit_length()                                         # next power of two
+    if size != C:
+        A = F.pad(A, (0, size - C, 0, size - C))
+    blocks = A.new_ones(*batch, size, 1, 1)                                        # inverses of 1 x 1 blocks
+    s = 1
+    while s < size:
+        n_pairs = size // (2 * s)
+        diagonal = torch.diagonal(A.reshape(*batch, n_pairs, 2 * s, n_pairs, 2 * s), dim1=-4, dim2=-2)
+        lower_left = diagonal.movedim(-1, -3)[..., s:, :s]                          # [..., n_pairs, s, s]
+        upper_inv, lower_inv = blocks[..., 0::2, :, :], blocks[..., 1::2, :, :]
+        below = -(lower_inv @ lower_left @ upper_inv)
+        top = torch.cat([upper_inv, torch.zeros_like(upper_inv)], dim=-1)
+        bottom = torch.cat([below, lower_inv], dim=-1)
+        blocks = torch.cat([top, bottom], dim=-2)                                  # [..., n_pairs, 2s, 2s]
+        s *= 2
+    return blocks.reshape(*batch, size, size)[..., :C, :C]
+
+
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -79,57 +106,60 @@ def chunk_gated_delta_rule(
         q, k = l2norm(q), l2norm(k)
     q = q * scale
 
-    # Heads first, then pad T up to N * C. Padded tokens have k = v = beta = g = 0,
-    # so they neither write to nor decay the state.
+    # Heads first and merged with the batch, then pad T up to N * C. Padded tokens have
+    # k = v = beta = g = 0, so they neither write to nor decay the state.
     N = -(-T // C)
     pad = N * C - T
-    q, k, v = (F.pad(x.transpose(1, 2), (0, 0, 0, pad)) for x in (q, k, v))      # [B, H, N*C, *]
-    g, beta = (F.pad(x.transpose(1, 2), (0, pad)) for x in (g, beta))             # [B, H, N*C]
-    q, k = (x.reshape(B, H, N, C, K) for x in (q, k))
-    v = v.reshape(B, H, N, C, V)
-    g, beta = (x.reshape(B, H, N, C) for x in (g, beta))
+    BH = B * H
+    q, k, v = (F.pad(x.transpose(1, 2), (0, 0, 0, pad)).reshape(BH, N, C, -1) for x in (q, k, v))
+    g, beta = (F.pad(x.transpose(1, 2), (0, pad)).reshape(BH, N, C) for x in (g, beta))
 
     # 1. Decays inside each chunk: to each token from the chunk start (inclusive),
     #    from each token to the chunk end (exclusive), and between token pairs.
-    decay_from_start = g.cumsum(-1).exp()                                          # [B, H, N, C]
+    decay_from_start = g.cumsum(-1).exp()                                          # [BH, N, C]
     g_after = F.pad(g[..., 1:], (0, 1))
-    decay_to_end = g_after.flip(-1).cumsum(-1).flip(-1).exp()                      # [B, H, N, C]
-    decay_pairs = _segment_sums(g).exp()                                           # [B, H, N, C, C]
-    decay_chunk = decay_from_start[..., -1]                                        # [B, H, N]
+    decay_to_end = g_after.flip(-1).cumsum(-1).flip(-1).exp()                      # [BH, N, C]
+    decay_pairs = _segment_sums(g).exp()                                           # [BH, N, C, C], 0 above
+    decay_chunk = decay_from_start[..., -1]                                        # [BH, N]
 
-    # 2. WY representation: with A[i, j] = beta_i (k_i . k_j) decay(j -> i) for j < i,
-    #    the per-token corrections are (I + A)^-1 applied to beta v (giving U) and to
-    #    beta decay_from_start k (giving W); the writes of chunk n are U - W S_n.
+    # 2. WY representation: with A[i, j] = beta_i (k_i . k_j) decay(j -> i) for j < i, the
+    #    writes of chunk n are U - W S_n, where U = (I + A)^-1 beta v and
+    #    W = (I + A)^-1 beta decay_from_start k. The inverse reads only the strictly lower
+    #    part of A, so its diagonal need not be cleared.
     k_beta = k * beta[..., None]
-    eye = torch.eye(C, dtype=acc, device=q.device)
-    A = (k_beta @ k.transpose(-1, -2) * decay_pairs).tril(-1)                     # [B, H, N, C, C]
-    rhs = torch.cat([v * beta[..., None], k_beta * decay_from_start[..., None]], dim=-1)
-    solved = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
-    U, W = solved.split([V, K], dim=-1)                                            # [B, H, N, C, V], [.., K]
+    A = k_beta @ k.transpose(-1, -2) * decay_pairs                                 # [BH, N, C, C]
+    inverse = _unit_lower_inverse(A)                                               # [BH, N, C, C]
+    U = inverse @ (v * beta[..., None])                                            # [BH, N, C, V]
+    W = inverse @ (k_beta * decay_from_start[..., None])                           # [BH, N, C, K]
 
     # 3. Output terms that do not depend on the chunk-start state S_n:
     #    o = P U + (q decay_from_start - P W) S_n, with P the causal decayed q.k scores.
-    P = q @ k.transpose(-1, -2) * decay_pairs                                      # [B, H, N, C, C]
-    o_intra = P @ U                                                                # [B, H, N, C, V]
-    q_state = q * decay_from_start[..., None] - P @ W                              # [B, H, N, C, K]
+    P = q @ k.transpose(-1, -2) * decay_pairs                                      # [BH, N, C, C]
+    o_intra = P @ U                                                                # [BH, N, C, V]
+    q_state = torch.baddbmm((q * decay_from_start[..., None]).flatten(0, 1), P.flatten(0, 1),
+                            W.flatten(0, 1), alpha=-1.0)                           # [BH*N, C, K]
 
-    # 4. Chunk-to-chunk recurrence S_{n+1} = transition_n S_n + writes_n.
-    k_to_end = (k * decay_to_end[..., None]).transpose(-1, -2)                     # [B, H, N, K, C]
-    transition = decay_chunk[..., None, None] * torch.eye(K, dtype=acc, device=q.device) - k_to_end @ W
-    writes = k_to_end @ U                                                          # [B, H, N, K, V]
+    # 4. Chunk-to-chunk recurrence S_{n+1} = transition_n S_n + writes_n, chunk-major so that
+    #    each step reads contiguous [BH, K, *] slices.
+    k_to_end = (k * decay_to_end[..., None]).transpose(1, 0).transpose(-1, -2)     # [N, BH, K, C]
+    eye_k = torch.eye(K, dtype=acc, device=q.device)
+    transition = decay_chunk.t()[..., None, None] * eye_k - k_to_end @ W.transpose(0, 1)   # [N, BH, K, K]
+    writes = k_to_end @ U.transpose(0, 1)                                          # [N, BH, K, V]
 
     # 5. Sequential scan over chunks: one [K, K] @ [K, V] product each.
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc)
+    S = q.new_zeros(BH, K, V) if initial_state is None else initial_state.to(acc).reshape(BH, K, V)
     states = []
     for n in range(N):
         states.append(S)
-        S = transition[:, :, n] @ S + writes[:, :, n]
-    chunk_states = torch.stack(states, dim=2)                                      # [B, H, N, K, V]
+        S = torch.baddbmm(writes[n], transition[n], S)
+    chunk_states = torch.stack(states, dim=1)                                      # [BH, N, K, V]
 
     # 6. Add the contribution of the chunk-start state and undo the padding.
-    o = o_intra + q_state @ chunk_states                                           # [B, H, N, C, V]
+    o = torch.baddbmm(o_intra.flatten(0, 1), q_state, chunk_states.flatten(0, 1))  # [BH*N, C, V]
     o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).to(out_dtype)          # [B, T, H, V]
 
+    S = S.reshape(B, H, K, V)
+    chunk_states = chunk_states.reshape(B, H, N, K, V)
     final_state = S if output_final_state else None
     if output_chunk_states:
         return o, final_state, chunk_states.transpose(1, 2)                        # [B, N, H, K, V]
