@@ -1,13 +1,14 @@
 """Decoding caches and token sampling for incremental generation.
 
-A `DecodingCache` holds one cache per layer; its size does not grow with the
+A `DecodingCache` contains one cache per layer. Its size does not grow with the
 context for G and S layers:
 
 - `GDNCache`: the last `conv_size - 1` inputs of each short convolution and the
   recurrent state `S [B, H, K, V]` (float32, or float64 for a float64 model).
 - `SWACache`: a ring buffer of the last `W` rotated keys and values, token `p` in
   slot `p % W`, plus the combined GDN memory that the current memory block reads.
-- `KVCache`: the rotated keys and values of every token so far (`A` layers).
+- `KVCache`: the rotated keys and values of every token so far (`A` layers), in buffers
+  that double their capacity when full.
 
 `GroundThinkLM.prefill`, `GroundThinkLM.step` and `GroundThinkLM.generate` fill and read
 these caches; this module imports nothing from the model so the layers can use it.
@@ -63,14 +64,54 @@ class SWACache:
 
 @dataclass
 class KVCache:
-    """Decoding state of one full attention layer: grows by one key and value per token."""
+    """Decoding state of one full attention layer: grows by one key and value per token.
 
-    keys: torch.Tensor
-    """Rotated keys of every token so far [B, T, H, d]."""
-    values: torch.Tensor
-    """Values of every token so far [B, T, H, d]."""
+    The buffers double their capacity when full, so appending a token copies the cache only
+    O(log T) times over T tokens instead of at every step.
+    """
+
+    key_buffer: torch.Tensor
+    """Rotated keys [B, H, capacity, d]; the first `length` positions are filled."""
+    value_buffer: torch.Tensor
+    """Values [B, H, capacity, d], same positions as key_buffer."""
+    length: int = 0
+    """Number of tokens stored."""
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """Rotated keys of every token so far [B, H, T, d] (a view of the buffer)."""
+        return self.key_buffer[:, :, :self.length]
+
+    @property
+    def values(self) -> torch.Tensor:
+        """Values of every token so far [B, H, T, d] (a view of the buffer)."""
+        return self.value_buffer[:, :, :self.length]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store the rotated keys and values [B, H, T, d] of the next T tokens."""
+        end = self.length + keys.shape[2]
+        capacity = self.key_buffer.shape[2]
+        if end > capacity:
+            capacity = max(end, 2 * capacity)
+            self.key_buffer = self.grow(self.key_buffer, capacity)
+            self.value_buffer = self.grow(self.value_buffer, capacity)
+        self.key_buffer[:, :, self.length:end] = keys
+        self.value_buffer[:, :, self.length:end] = values
+        self.length = end
+
+    def grow(self, buffer: torch.Tensor, capacity: int) -> torch.Tensor:
+        """Copy the filled part of a buffer into a new one with room for `capacity` tokens."""
+        B, H, _, d = buffer.shape
+        grown = buffer.new_empty(B, H, capacity, d)
+        grown[:, :, :self.length] = buffer[:, :, :self.length]
+        return grown
 
     def nbytes(self) -> int:
+        """Bytes of the stored keys and values.
+
+        NOTE: the buffers reserve up to twice this (their capacity doubles when full), and
+        that reserve is not counted here nor in GroundThinkLM.state_bytes.
+        """
         return tensor_bytes(self.keys, self.values)
 
 
@@ -130,7 +171,7 @@ def empty_cache(config, layer_types: list[str], has_memory: list[bool], batch: i
             snapshot = torch.zeros(batch, H, K, V, device=device, dtype=state_dtype) if memory else None
             layers.append(SWACache(keys, torch.zeros_like(keys), snapshot))
         else:
-            keys = torch.zeros(batch, 0, H, d, device=device, dtype=dtype)
+            keys = torch.zeros(batch, H, 0, d, device=device, dtype=dtype)
             layers.append(KVCache(keys, torch.zeros_like(keys)))
     return DecodingCache(layers, position=0)
 
@@ -154,10 +195,10 @@ def sample_next_token(
 ) -> torch.Tensor:
     """Draw one token id per row of logits [B, vocab]; returns LongTensor [B].
 
-    temperature 0 takes the argmax. Otherwise the logits are divided by the temperature,
-    top_k keeps the k largest, top_p keeps the smallest set of most likely tokens whose
-    probabilities sum to at least top_p (always at least one), and a token is drawn from
-    the renormalised softmax, computed in float32.
+    temperature 0 takes the argmax. Otherwise the logits are divided by the temperature and
+    top_k keeps the k largest. top_p keeps the smallest set of most likely tokens whose
+    probabilities sum to at least top_p (always at least one). The token is drawn from the
+    renormalised softmax, computed in float32.
     """
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:

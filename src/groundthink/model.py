@@ -187,7 +187,7 @@ class GroundThinkLM(nn.Module):
 
     # ------------------------------------------------------------------ decoding
     def new_cache(self, batch: int) -> DecodingCache:
-        """An empty decoding cache for `batch` sequences, on the model's device and dtype."""
+        """Build an empty decoding cache for `batch` sequences, on the model's device and dtype."""
         weight = self.embed.weight
         has_memory = [block.layer_type == "swa" and block.mixer.has_memory for block in self.blocks]
         return empty_cache(self.config, self.config.layer_types, has_memory, batch, weight.device, weight.dtype)

@@ -41,30 +41,39 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, D)
         return self.o_proj(y), {"type": "attention"}
 
-    def prefill(self, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-        """Mix tokens start .. start + T - 1, x [B, T, D], attending also to the cached tokens;
-        append their rotated keys and values to the cache."""
+    def rotated_qkv(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project x [B, T, D] of tokens start .. start + T - 1 and rotate q and k at those positions.
+
+        Returns q, k, v [B, H, T, d].
+        """
         B, T, D = x.shape
         H, d = self.n_heads, self.head_dim
-
-        # Project, split heads and rotate at the absolute positions.
         q = self.q_proj(x).view(B, T, H, d)
         k = self.k_proj(x).view(B, T, H, d)
         v = self.v_proj(x).view(B, T, H, d)
         cos, sin = rope_angles(torch.arange(start, start + T, device=x.device), d, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.keys = torch.cat([cache.keys, k], dim=1)                             # [B, start + T, H, d]
-        cache.values = torch.cat([cache.values, v], dim=1)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-        # Query i (position start + i) sees keys 0 .. start + i.
-        keys, values = cache.keys.transpose(1, 2), cache.values.transpose(1, 2)
+    def prefill(self, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """Mix tokens start .. start + T - 1, x [B, T, D], attending also to the cached tokens;
+        append their rotated keys and values to the cache."""
+        B, T, D = x.shape
+        q, k, v = self.rotated_qkv(x, start)
+        cache.append(k, v)
+
+        # Query i (position start + i) attends to keys 0 .. start + i.
         if start == 0:
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=True)
+            y = F.scaled_dot_product_attention(q, cache.keys, cache.values, is_causal=True)
         else:
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
+            y = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))                     # y: [B, H, T, d]
 
     def step(self, x: torch.Tensor, cache: KVCache, position: int) -> torch.Tensor:
         """Mix one token per sequence at absolute `position`, x [B, 1, D]; append its key and value."""
-        return self.prefill(x, cache, position)
+        B, _, D = x.shape
+        q, k, v = self.rotated_qkv(x, position)
+        cache.append(k, v)
+        y = F.scaled_dot_product_attention(q, cache.keys, cache.values)           # [B, H, 1, d]
+        return self.o_proj(y.transpose(1, 2).reshape(B, 1, D))

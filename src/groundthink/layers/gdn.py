@@ -160,8 +160,8 @@ class GatedDeltaNet(nn.Module):
         M = memory_block
         backend, _ = resolve_backend(self.config.backend, q.device)
         if backend == "torch":
-            # The chunk kernel returns states at multiples of C from its first token, so a head of
-            # tokens up to the next absolute multiple of C runs first; it holds no block start.
+            # The chunk kernel returns states at multiples of C from its first token. So the tokens
+            # up to the next absolute multiple of C run first as a head, which contains no block start.
             C = self.config.chunk_size
             head = min(T, (-start) % C)
             S, outputs = initial_state, []
@@ -230,8 +230,8 @@ class GatedDeltaNet(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mix tokens start .. start + T - 1, x [B, T, D], continuing from the cache; update the cache.
 
-        Returns (y [B, T, D], block_states): with memory_block M, block_states [B, n, H, K, V]
-        are the states before every absolute position n * M in [start, start + T); else None.
+        Returns (y [B, T, D], block_states). With memory_block M, block_states [B, n, H, K, V]
+        are the states before every absolute position n * M in [start, start + T), otherwise None.
         """
         q, k, v, beta, g = self.project(x, cache, one_token=False)
 

@@ -156,8 +156,8 @@ class SlidingWindowAttention(nn.Module):
     ) -> torch.Tensor:
         """Mix tokens start .. start + T - 1, x [B, T, D], continuing from the cache; update the cache.
 
-        block_memory [B, n, H, K, V] holds the combined memories at the absolute block starts
-        n * M in [start, start + T); a block that began before `start` reads cache.memory.
+        block_memory [B, n, H, K, V] contains the combined memories at the absolute block starts
+        n * M in [start, start + T). A block that began before `start` reads cache.memory.
         """
         B, T, D = x.shape
         H, d, W, M = self.n_heads, self.head_dim, self.window, self.memory_block
@@ -170,7 +170,7 @@ class SlidingWindowAttention(nn.Module):
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         # Local path: the last min(start, W) cached keys go in front, with zero queries whose
-        # outputs are dropped, so sliding_window_attention sees each query's full window.
+        # outputs are dropped, so that each query attends to its full window.
         n_past = min(start, W)
         past = torch.arange(start - n_past, start, device=x.device) % W             # ring slots, oldest first
         k_all = torch.cat([cache.keys[:, past], k_rot], dim=1)                     # [B, n_past + T, H, d]
@@ -188,8 +188,8 @@ class SlidingWindowAttention(nn.Module):
         if not self.has_memory:
             return self.mix(x, local, None)
 
-        # Global path: memories of every block the piece touches, the first one from the cache
-        # when the piece starts inside a block; queries are shifted to align with the blocks.
+        # Global path: the memories of every block the piece touches. The first one comes from the
+        # cache when the piece starts inside a block, and the queries shift to align with the blocks.
         offset = start % M
         n_blocks = (offset + T + M - 1) // M
         memory = block_memory if offset == 0 else torch.cat([cache.memory[:, None], block_memory], dim=1)
