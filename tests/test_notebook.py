@@ -9,7 +9,7 @@ from conftest import REPO, SHARED_DATA
 NOTEBOOK = REPO / "notebooks" / "diagnostics.ipynb"
 
 
-def test_diagnostics_notebook_executes(monkeypatch):
+def test_diagnostics_notebook_executes(monkeypatch, tmp_path):
     """Guards the notebook against rot: every cell runs and the final report is written."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
@@ -19,6 +19,7 @@ def test_diagnostics_notebook_executes(monkeypatch):
     monkeypatch.setenv("GROUNDTHINK_PROBE_TEXT", str(SHARED_DATA / "tinyshakespeare.txt"))
     monkeypatch.setenv("GROUNDTHINK_PROBE_TOKENS", "1500")
     monkeypatch.setenv("GROUNDTHINK_TINY_STEPS", "20")
+    monkeypatch.setenv("GROUNDTHINK_WORK_DIR", str(tmp_path))
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
@@ -29,5 +30,6 @@ def test_diagnostics_notebook_executes(monkeypatch):
     stdout = "".join(output.get("text", "") for output in outputs if output.get("name") == "stdout")
     images = [output for output in outputs if "image/png" in output.get("data", {})]
     assert "trained the tiny preset for 20 steps" in stdout
-    assert "wrote " in stdout and "report.html" in stdout
+    assert "report.html" in stdout
     assert len(images) == 7, f"expected one figure per probe, got {len(images)}"
+    assert (tmp_path / "report" / "report.html").exists()

@@ -149,6 +149,11 @@ def test_orthonormal_keys_give_full_effective_rank():
     assert state_entropy(one_direction) == pytest.approx(0.0, abs=1e-9)
     assert effective_rank(np.zeros((K, V))) == 0.0
 
+    # Singular values 3 and 1: p = (0.75, 0.25) for the rank, q = (0.9, 0.1) for the entropy.
+    two_directions = 3 * np.outer(keys[0].numpy(), values[0].numpy()) + np.outer(keys[1].numpy(), values[1].numpy())
+    assert effective_rank(two_directions) == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
+    assert state_entropy(two_directions) == pytest.approx(-(0.9 * math.log(0.9) + 0.1 * math.log(0.1)))
+
 
 def test_key_interference_known_cases():
     """Guards the interference measure: orthogonal keys 0, identical keys 1, random keys near the baseline."""
@@ -160,7 +165,8 @@ def test_key_interference_known_cases():
     random_keys = np.random.default_rng(0).standard_normal((400, 16))
     assert key_interference(random_keys, np.ones(400))["ratio"] == pytest.approx(1.0, abs=0.05)
     skipped = key_interference(np.eye(6), np.zeros(6))
-    assert skipped["n_keys"] == 0 and skipped["mean_abs_cos"] is None
+    assert skipped["n_keys"] == 0
+    assert skipped["mean_abs_cos"] is None
 
 
 def test_recomputed_block_states_match_model():
@@ -219,7 +225,8 @@ def test_memory_readers_per_block():
     np.testing.assert_allclose(result["per_layer"][0]["focus"], [1.0, 1.0])
     assert result["flags"] == []
     diffuse = memory_readers([np.full((B, 3 * M, H, K), 1 / K)], [gate], [1], memory_block=M)
-    assert len(diffuse["flags"]) == H and "diffuse" in diffuse["flags"][0]
+    assert len(diffuse["flags"]) == H
+    assert "diffuse" in diffuse["flags"][0]
 
 
 def test_memory_readers_need_s_above_g():
@@ -263,7 +270,8 @@ def test_needle_effect_zero_beyond_window():
     local = needle_probe(tiny_model("SS"), text, query, answer, distance=60)
     # Not exactly 0: RoPE angles at positions shifted by the needle's length round differently.
     assert all(r["effect"] < 1e-6 for r in local["hidden"]), [r["effect"] for r in local["hidden"]]
-    assert local["gdn"] == [] and "no G layer" in local["notes"][0]
+    assert local["gdn"] == []
+    assert "no G layer" in local["notes"][0]
 
     recurrent = needle_probe(tiny_model("GS"), text, query, answer, distance=60)
     assert recurrent["hidden"][-1]["effect"] > 1e-4, recurrent["hidden"][-1]["effect"]
@@ -289,7 +297,8 @@ def test_gradient_components_match_parameter_counts(pattern, tie):
     result = gradient_health(model, random_ids(66).reshape(2, 33))
     assert all(p.grad is None for p in model.parameters())
     for name, record in result["components"].items():
-        assert math.isfinite(record["grad_norm"]) and record["grad_norm"] > 0, name
+        assert math.isfinite(record["grad_norm"]), name
+        assert record["grad_norm"] > 0, name
     assert result["flags"] == []
 
 
@@ -314,7 +323,8 @@ def test_pure_gdn_skips_readers_with_reason(tmp_path):
     results = run_probes(tiny_model("GG"), random_ids(120))
     assert "has no S layer" in results["skipped"]["memory_readers"]
     assert "no needle was given" in results["skipped"]["needle"]
-    assert "write_strength" in results["probes"] and "gradients" in results["probes"]
+    assert "write_strength" in results["probes"]
+    assert "gradients" in results["probes"]
     html = write_report(results, tmp_path)["html"].read_text(encoding="utf-8")
     assert "Skipped: layer_pattern &#x27;GG&#x27; has no S layer" in html
 
@@ -327,7 +337,8 @@ def test_report_files(tmp_path):
     assert results["skipped"] == {}
     paths = write_report(results, tmp_path / "report")
     figures = [p for name, p in paths.items() if name not in ("json", "html")]
-    assert len(figures) == 7 and all(p.read_bytes()[:4] == b"\x89PNG" for p in figures)
+    assert len(figures) == 7
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in figures)
 
     def reject(constant):
         raise ValueError(f"non-standard JSON constant {constant}")
@@ -364,10 +375,13 @@ def test_probe_command_writes_report(checkpoint_dir, tmp_path, capsys):
     assert main(["-q", "probe", str(checkpoint_dir), "--text", str(text), "--out", str(out),
                  "--max-tokens", "600"]) == 0
     stdout = capsys.readouterr().out
-    assert "flags (" in stdout and "wrote" in stdout
+    assert "flags (" in stdout
+    assert "wrote" in stdout
     data = json.loads((out / "probes.json").read_text(encoding="utf-8"))
-    assert data["meta"]["n_tokens"] == 600 and data["meta"]["train_context"] == 64
-    assert (out / "report.html").exists() and (out / "beta_heatmap.png").exists()
+    assert data["meta"]["n_tokens"] == 600
+    assert data["meta"]["train_context"] == 64, "the training context comes from the checkpoint's data.seq_len"
+    assert (out / "report.html").exists()
+    assert (out / "beta_heatmap.png").exists()
 
 
 @pytest.mark.parametrize("case,message", [

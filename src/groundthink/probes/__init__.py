@@ -1,7 +1,7 @@
 """Memory diagnostics: what the GDN state stores, how long it keeps it, and who reads it.
 
-Each probe is a function of plain arrays that returns numbers and numpy arrays;
-`run_probes` runs them all on one text and `write_report` renders the result.
+Each probe is a function of plain arrays that returns numbers and numpy arrays.
+`run_probes` runs them all on one text, and `report.write_report` renders the result.
 The formulas are in docs/probes.md.
 """
 

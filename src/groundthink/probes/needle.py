@@ -1,4 +1,4 @@
-"""Needle probes: store a fact in real text, then trace whether the memory still holds it.
+"""Needle probes: store a fact in real text, then trace whether the memory still retains it.
 
 The sequence is  text[:p] + needle + text[p:] + query + answer,  with needle = query + answer
 (for example query "The secret word is", answer " plum.") and p chosen so that `distance`
@@ -7,7 +7,7 @@ text tokens separate the needle from the query. A control run drops the needle.
 Read signal-to-noise (per GDN layer and head, at the start of the query):
   signal = ||S^T k_n||  for the unit key k_n the needle wrote,
   noise  = sqrt(E_u ||S^T u||^2) = ||S||_F / sqrt(K)  over unit keys u uniform on the sphere,
-  SNR    = signal / noise  (about 1 when S holds nothing special along k_n).
+  SNR    = signal / noise  (about 1 when S stores nothing special along k_n).
 Hidden-state trace (per layer): cos(h[query end], h[needle token at the same offset]) against
 the cosines of the query end with other positions of the same token, and the needle's effect
 ||h[query end] - h_control[query end]|| / ||h_control[query end]|| (see docs/probes.md).
@@ -25,11 +25,11 @@ from ..ops.gated_delta_rule import chunk_gated_delta_rule
 from .trace import ProbeInputError, ProbeNotApplicable
 
 N_RANDOM_KEYS = 256
-HELD_SNR = 2.0
-HELD_GAIN = 1.5
-"""A head holds the needle when its read SNR is at least HELD_SNR and at least HELD_GAIN times
-the SNR of the same key in the control run. The control matters: a key that lies along the
-memory's dominant directions reads above noise whether or not the needle was written."""
+RETAINED_SNR = 2.0
+RETAINED_GAIN = 1.5
+"""A head retains the needle when its read SNR is at least RETAINED_SNR and at least
+RETAINED_GAIN times the SNR of the same key in the control run. The control matters because
+a key along the memory's dominant directions reads above noise even without the needle."""
 
 
 def read_snr(S: np.ndarray, key: np.ndarray, n_random: int = N_RANDOM_KEYS, seed: int = 0) -> dict:
@@ -139,7 +139,7 @@ def hidden_trace(hidden: np.ndarray, hidden_control: np.ndarray, ids: np.ndarray
 
     hidden [T, D] with the needle, hidden_control [T - shift, D] without. Returns
     cos_needle = cos(h[query end], h[needle_match]); the mean and std of cos(h[query end], h[t])
-    over other text positions t holding the same token id as the query end (all other text
+    over other text positions t with the same token id as the query end (all other text
     positions when there are none), z against them and the fraction below; and effect =
     ||h[query end] - h_control[query end]|| / ||h_control[query end]||. The effect is 0 up to
     float rounding (about 1e-7: RoPE angles at positions shifted by the needle's length round
@@ -172,9 +172,10 @@ def needle_probe(model, text_ids: Sequence[int], query_ids: Sequence[int], answe
     """Insert a needle `distance` tokens before the query, run the model with and without it, trace it.
 
     Returns a dict with positions, the answer's log-probability with and without the needle,
-    per GDN layer the read SNR of every needle key per head ([n_needle, H], with the needle
-    and in the control) and of the needle token written with the largest beta, per layer
-    the hidden-state trace (see hidden_trace), notes and flags.
+    notes and flags. Its 'gdn' list gives, per GDN layer, the read SNR of every needle key
+    per head ([n_needle, H], with the needle and in the control) and of the needle token
+    written with the largest beta. Its 'hidden' list gives the hidden-state trace of every
+    layer (see hidden_trace).
     """
     config = model.config
     device = next(model.parameters()).device
@@ -219,13 +220,13 @@ def needle_probe(model, text_ids: Sequence[int], query_ids: Sequence[int], answe
     else:
         snr = np.concatenate([r["snr_strongest"] for r in result["gdn"]])
         gain = snr / np.concatenate([r["snr_strongest_control"] for r in result["gdn"]])
-        held = (snr >= HELD_SNR) & (gain >= HELD_GAIN)
+        retained = (snr >= RETAINED_SNR) & (gain >= RETAINED_GAIN)
         result["best_snr"] = float(np.nanmax(snr))
         result["best_gain"] = float(np.nanmax(gain))
-        result["heads_holding"] = int(held.sum())
-        if not held.any():
+        result["heads_retaining"] = int(retained.sum())
+        if not retained.any():
             result["flags"].append(
-                f"no GDN head holds the needle {pos['distance']} tokens after it was written: best read SNR "
+                f"no GDN head retains the needle {pos['distance']} tokens after it was written: best read SNR "
                 f"{result['best_snr']:.2f}, best SNR relative to the control {result['best_gain']:.2f} "
-                f"(a head holds it at SNR >= {HELD_SNR} and >= {HELD_GAIN} x the control)")
+                f"(a head retains it at SNR >= {RETAINED_SNR} and >= {RETAINED_GAIN} x the control)")
     return result

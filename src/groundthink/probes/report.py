@@ -44,7 +44,7 @@ SECTIONS = (
     ("needle", "Needle",
      "A needle (query + answer) is inserted into the text and the query repeated at the end. The read SNR is "
      "||S^T k|| / (||S||_F / sqrt K) for the needle's key k in the state at the query (about 1 for a memory that "
-     "holds nothing special along k); the control run has no needle. The needle effect "
+     "stores nothing special along k); the control run has no needle. The needle effect "
      "||h - h_control|| / ||h_control|| at the query end is 0 when nothing of the needle reaches the query."),
     ("gradients", "Gradient health",
      "L2 norm of the gradient of the next-token loss per component (grouped as parameter_counts()) on one batch."),
@@ -94,8 +94,8 @@ def coloured_tokens(tokens: list[str], beta: np.ndarray) -> str:
         light = 0.299 * r + 0.587 * g + 0.114 * bl > 0.5
         style = (f"background:rgb({int(255 * r)},{int(255 * g)},{int(255 * bl)});"
                  f"color:{'#000' if light else '#fff'}")
-        shown = html.escape(text).replace("\n", "\u21b5<br>")
-        spans.append(f'<span style="{style}" title="beta {float(b):.3f}">{shown}</span>')
+        escaped = html.escape(text).replace("\n", "\u21b5<br>")
+        spans.append(f'<span style="{style}" title="beta {float(b):.3f}">{escaped}</span>')
     return '<div class="tokens">' + "".join(spans) + "</div>"
 
 
@@ -168,7 +168,7 @@ img { max-width: 100%; }
 
 
 def render_html(results: dict, images: dict[str, bytes]) -> str:
-    """The report page with every image embedded as base64 PNG."""
+    """Render the report page with every image embedded as base64 PNG."""
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>GroundThink memory probes</title>",
              f"<style>{STYLE}</style></head><body><h1>GroundThink memory probes</h1>",
              f"<pre>{html.escape(format_summary(results))}</pre>"]

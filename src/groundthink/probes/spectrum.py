@@ -22,7 +22,7 @@ CHECK_TOLERANCE = 1e-6
 
 
 def transition_eigenvalues(g, beta, key_sq_norm=1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues of A_t: (alpha_t, of multiplicity K - 1; alpha_t (1 - beta_t |k_t|^2), once)."""
+    """Return the eigenvalues of A_t: alpha_t (multiplicity K - 1) and alpha_t (1 - beta_t |k_t|^2) (once)."""
     alpha = np.exp(np.asarray(g, dtype=np.float64))
     along_key = alpha * (1.0 - np.asarray(beta, dtype=np.float64) * key_sq_norm)
     return alpha, along_key
@@ -42,7 +42,7 @@ def transition_matrix(g_t: float, beta_t: float, k_t: np.ndarray) -> np.ndarray:
 
 
 def span_product(g: np.ndarray, beta: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """P = A_{n-1} ... A_1 A_0 for g, beta [n] and keys k [n, K], built from explicit matrices."""
+    """Multiply out P = A_{n-1} ... A_1 A_0 for g, beta [n] and keys k [n, K] with explicit matrices."""
     P = np.eye(k.shape[1])
     for t in range(len(g)):
         P = transition_matrix(float(g[t]), float(beta[t]), k[t]) @ P
@@ -87,7 +87,7 @@ def transition_spectrum(
     check_span: int = 16,
     n_checks: int = 4,
 ) -> dict:
-    """Per-token ln|det A_t|, eigenvalue histograms, and survival over spans of tokens.
+    """Compute per-token ln|det A_t|, eigenvalue histograms, and survival over spans of tokens.
 
     Args:
         gs, betas: one [B, T, H] array per GDN layer; keys: one [B, T, H, K] array per layer.

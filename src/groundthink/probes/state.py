@@ -101,10 +101,11 @@ def state_content(
         read_memories, read_layers: the combined memory [B, N, H, K, V] each SWA layer reads,
             and those layers' indices; described like the GDN states.
 
-    Returns a dict with positions ([N] token index of each block start), per GDN layer
-    'over_time' (norm, effective_rank, entropy: [N, H]), 'final' ([H] each) and
-    'interference' (one key_interference record per head), per SWA layer 'read_memory',
-    the maximum possible effective rank min(K, V) and flags.
+    Returns a dict with positions ([N] token index of each block start), max_rank
+    (min(K, V)), flags, and two lists. Each 'gdn' entry has 'over_time' (norm,
+    effective_rank, entropy: [N, H]), 'final' ([H] each) and 'interference' (one
+    key_interference record per head). Each 'read_memory' entry describes an SWA layer's
+    combined memory like 'over_time'.
     """
     if len(block_states) == 0:
         raise ValueError("state_content needs at least one GDN layer")

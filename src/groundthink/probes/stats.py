@@ -35,7 +35,7 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
 
 
 def quantiles(x: np.ndarray) -> dict[str, float]:
-    """The 10th, 25th, 50th, 75th and 90th percentiles of x as p10 .. p90.
+    """Return the 10th, 25th, 50th, 75th and 90th percentiles of x as p10 .. p90.
 
     Each is an element of x (the lower order statistic, no interpolation), so infinite
     half-lives pass through without turning into NaN.

@@ -153,7 +153,7 @@ def run_probes(
 
 def probe_calls(model, trace, flat: np.ndarray, row_len: int, train_context: int | None,
                 needle: Needle | None, settings: ProbeSettings) -> dict[str, Callable[[], dict]]:
-    """One argument-free call per probe, in report order; each raises ProbeNotApplicable to skip."""
+    """Build one argument-free call per probe, in report order. Each raises ProbeNotApplicable to skip."""
     config = model.config
     gdn_layers = [t.layer for t in trace.gdn]
     betas, gs, keys = [t.beta for t in trace.gdn], [t.g for t in trace.gdn], [t.k for t in trace.gdn]
@@ -221,7 +221,7 @@ def _numbers(values, fmt: str = "{:.3g}") -> str:
 
 
 def format_summary(results: dict) -> str:
-    """A short plain-text summary of the results: one or two lines per probe, skips and flags."""
+    """Format the results as short plain text: one or two lines per probe, then skips and flags."""
     meta, probes = results["meta"], results["probes"]
     c = meta["config"]
     lines = [f"layer_pattern {c['layer_pattern']}, D={c['d_model']} H={c['n_heads']} K={c['head_dim']} "
@@ -265,7 +265,7 @@ def format_summary(results: dict) -> str:
                 f"without; {r['positions']['distance']} tokens from needle to query")
         if r["gdn"]:
             line += (f"; best read SNR {r['best_snr']:.2f}, best SNR / control {r['best_gain']:.2f}, "
-                     f"{r['heads_holding']} heads hold it")
+                     f"{r['heads_retaining']} heads retain it")
         line += f"; needle effect on the last layer's hidden state {r['hidden'][-1]['effect']:.3g}"
         lines.append(line)
     if "gradients" in probes:

@@ -57,7 +57,7 @@ class SWATrace:
 
 @dataclass
 class ModelTrace:
-    """What the probes read from one forward pass over ids [B, T]."""
+    """Internals of one forward pass over ids [B, T], as the probes read them."""
 
     ids: np.ndarray
     """[B, T] int64 token ids."""
@@ -124,9 +124,9 @@ def trace_model(model, ids) -> ModelTrace:
 
     # Surprisal of token t given tokens < t: -log_softmax(logits[t - 1])[ids[t]].
     log_probs = torch.log_softmax(out.logits.float(), dim=-1)                      # [B, T, vocab]
-    taken = log_probs[:, :-1].gather(-1, batch[:, 1:, None])[..., 0]              # [B, T - 1]
+    target_log_probs = log_probs[:, :-1].gather(-1, batch[:, 1:, None])[..., 0]   # [B, T - 1]
     surprisal = torch.full(batch.shape, float("nan"))
-    surprisal[:, 1:] = -taken.cpu()
+    surprisal[:, 1:] = -target_log_probs.cpu()
     trace.surprisal = surprisal.numpy()
 
     for layer, info in enumerate(out.internals):
