@@ -318,6 +318,18 @@ def test_short_text_rejected():
         run_probes(model, random_ids(16))
 
 
+def test_rows_keep_text_order():
+    """Guards --seq-len: rows are consecutive pieces of the text and per-token arrays follow text order."""
+    model = tiny_model("GSGS")
+    ids = random_ids(230)
+    results = run_probes(model, ids, seq_len=50)
+    assert results["meta"]["rows"] == 4
+    assert results["meta"]["n_tokens"] == 200
+    per_token = results["probes"]["write_strength"]["per_token"]                   # [L, H, 200]
+    second_row = trace_model(model, ids[50:100])
+    np.testing.assert_allclose(per_token[0, :, 50:100], second_row.gdn[0].beta[0].T, rtol=1e-6)
+
+
 def test_pure_gdn_skips_readers_with_reason(tmp_path):
     """Guards that a probe that does not apply is skipped with its reason in the results and the report."""
     results = run_probes(tiny_model("GG"), random_ids(120))
