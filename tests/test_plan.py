@@ -20,6 +20,16 @@ TINY = dict(vocab_size=50, d_model=32, n_heads=2, head_dim=8, window_size=16, me
             conv_size=3)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: the CI machine has 2 cores shared with other jobs, and two threads
+    contending there run these tiny models tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(**changes) -> GroundThinkConfig:
     return GroundThinkConfig(**{**TINY, **changes})
 

@@ -57,6 +57,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run folder for checkpoints, metrics.jsonl and config.json (default: runs/<time>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its latest checkpoint, with its saved config")
+    from groundthink.evals.command import add_mqar_train_arguments
+
+    add_mqar_train_arguments(parser)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -92,6 +95,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("pass --out under torchrun so that every rank uses the same run folder")
         args.out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
+    if args.task == "mqar":
+        from groundthink.evals.command import run_mqar_train_command
+
+        if args.resume or args.data is not None:
+            raise ConfigError("--task mqar trains on generated data from scratch; drop --resume and --data")
+        return run_mqar_train_command(args, run)
     result = train(run, args.out, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
@@ -105,7 +114,10 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path,
                         help="run folder (its latest checkpoint is used) or a checkpoints/step-N folder")
     parser.add_argument("--suite", choices=sorted(EVAL_SUITES), default="ppl",
-                        help="what to measure; ppl: loss, perplexity and bits per character/byte on text")
+                        help="what to measure; ppl: loss, perplexity and bits per character/byte on text; "
+                             "mqar: multi-query associative recall; niah: needle in a haystack on text; honest: "
+                             "memory ablation, copy-dependent tokens, entity tracking, zero-shot recall "
+                             "(mqar, niah and honest write results.json and plots into --out)")
     parser.add_argument("--data", default=None,
                         help="UTF-8 text file or folder of .txt files (default: the run's training data source)")
     parser.add_argument("--split", choices=("val", "train", "all"), default="val",
@@ -118,6 +130,9 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score only the first N tokens of the split (0 = all)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text lines")
+    from groundthink.evals.command import add_eval_suite_arguments
+
+    add_eval_suite_arguments(parser)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -178,8 +193,20 @@ def _suite_ppl(args: argparse.Namespace, model, tokenizer, extra: dict[str, Any]
     return out
 
 
+def _evals_suite(name: str) -> Callable[..., dict[str, Any]]:
+    """Runner of suite `name` of groundthink.evals, imported when it runs."""
+
+    def run(args: argparse.Namespace, model, tokenizer, extra: dict[str, Any]) -> dict[str, Any]:
+        from groundthink.evals.command import suite_runner
+
+        return suite_runner(name)(args, model, tokenizer, extra)
+
+    return run
+
+
 # Evaluation suites by name: each takes (args, model, tokenizer, extra) and returns a dict of results.
-EVAL_SUITES: dict[str, Callable[..., dict[str, Any]]] = {"ppl": _suite_ppl}
+EVAL_SUITES: dict[str, Callable[..., dict[str, Any]]] = {
+    "ppl": _suite_ppl, **{name: _evals_suite(name) for name in ("mqar", "niah", "honest")}}
 
 
 # ---------------------------------------------------------------------------- probe
@@ -270,6 +297,19 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return run_plan_command(args)
 
 
+# ---------------------------------------------------------------------------- sweep
+def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    from groundthink.sweep import add_sweep_arguments
+
+    add_sweep_arguments(parser)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from groundthink.sweep import run_sweep_command
+
+    return run_sweep_command(args)
+
+
 # ---------------------------------------------------------------------------- entry point
 COMMANDS: dict[str, Command] = {
     "train": Command("train a model on text (default: Shakespeare's complete works)", _add_train_arguments,
@@ -282,6 +322,8 @@ COMMANDS: dict[str, Command] = {
                         _add_generate_arguments, _cmd_generate),
     "plan": Command("estimate parameters, recurrent memory, training memory and decoding cache of a config",
                     _add_plan_arguments, _cmd_plan),
+    "sweep": Command("train and evaluate every point of a config grid; table and plots of recall and loss",
+                     _add_sweep_arguments, _cmd_sweep),
 }
 
 

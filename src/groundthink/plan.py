@@ -454,15 +454,16 @@ def checkpointed_activation_bytes(config: GroundThinkConfig, batch: int, seq_len
 
     Kept through the forward pass: each block's input [B, T, D], the block states of GDN layers
     that SWA layers read ([B, H, N, K, V] float32), and the head's saved tensors. The backward
-    pass recomputes one block at a time, adding that block's own saved tensors.
+    pass recomputes one block at a time, adding that block's own saved tensors; by then the
+    head's tensors are freed. "total" is the larger of the two moments.
     """
     s = _Sizes.of(config, batch, seq_len)
     full = activation_bytes(config, batch, seq_len)
     inputs = config.n_layers * s.B * s.T * s.D * FLOAT32
     memory = sum(role["feeds_memory"] for role in layer_roles(config)) * s.B * s.H * s.N * s.K * s.V * FLOAT32
     largest = max(layer["bytes"] for layer in full["layers"])
-    return {"kept": inputs + memory + full["head"], "recomputed_block": largest,
-            "total": inputs + memory + full["head"] + largest}
+    return {"blocks": inputs + memory, "head": full["head"], "recomputed_block": largest,
+            "total": inputs + memory + max(full["head"], largest)}
 
 
 @dataclass(frozen=True)
@@ -517,9 +518,14 @@ def _step_peaks(config: GroundThinkConfig, budget: Budget, batch: int) -> dict[s
         optimizer_temporaries = _largest_parameter(config) * FLOAT32
     after_backward = weights + grads + adamw + max(embedding_temporaries, optimizer_temporaries)
     activations = activation_bytes(config, batch, budget.seq_len)["total"]
-    checkpointed = checkpointed_activation_bytes(config, batch, budget.seq_len)["total"]
+    checkpointed = checkpointed_activation_bytes(config, batch, budget.seq_len)
+    # With checkpointing, the start of backward holds the block inputs, the head and the loss
+    # gradients; a recomputed block later adds its own tensors while gradients accumulate (all
+    # P counted, an upper bound).
+    start = checkpointed["blocks"] + checkpointed["head"] + logits_grads
+    recompute = checkpointed["blocks"] + checkpointed["recomputed_block"] + grads
     return {"peak": max(weights + adamw + activations + logits_grads, after_backward),
-            "peak_checkpointed": max(weights + adamw + checkpointed + logits_grads, after_backward)}
+            "peak_checkpointed": max(weights + adamw + max(start, recompute), after_backward)}
 
 
 def _largest_parameter(config: GroundThinkConfig) -> int:
