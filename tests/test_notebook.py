@@ -31,5 +31,5 @@ def test_diagnostics_notebook_executes(monkeypatch, tmp_path):
     images = [output for output in outputs if "image/png" in output.get("data", {})]
     assert "trained the tiny preset for 20 steps" in stdout
     assert "report.html" in stdout
-    assert len(images) == 7, f"expected one figure per probe, got {len(images)}"
+    assert len(images) == 8, f"expected 8 figures (two for write strength, one per other probe), got {len(images)}"
     assert (tmp_path / "report" / "report.html").exists()

@@ -349,7 +349,7 @@ def test_report_files(tmp_path):
     assert results["skipped"] == {}
     paths = write_report(results, tmp_path / "report")
     figures = [p for name, p in paths.items() if name not in ("json", "html")]
-    assert len(figures) == 7
+    assert len(figures) == 8
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in figures)
 
     def reject(constant):
@@ -360,7 +360,7 @@ def test_report_files(tmp_path):
     assert len(data["probes"]["write_strength"]["token_mean"]) == 200
     assert data["probes"]["forget_horizon"]["train_context"] == 64
     html = paths["html"].read_text(encoding="utf-8")
-    assert html.count("src='data:image/png;base64,") == 7
+    assert html.count("src='data:image/png;base64,") == 8
     assert not list((tmp_path / "report").glob("*.tmp"))
 
 

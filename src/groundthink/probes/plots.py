@@ -37,6 +37,25 @@ def beta_heatmap(write: dict):
     return fig
 
 
+def beta_frequency(write: dict):
+    """Mean beta of each token type against its count in the text (log scale)."""
+    types = write["types"]
+    counts, mean_beta = np.asarray(types["counts"]), np.asarray(types["mean_beta"])
+    ranked = counts >= write["min_count"]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=DPI)
+    ax.scatter(counts[ranked], mean_beta[ranked], s=10, label=f"seen >= {write['min_count']} times")
+    ax.scatter(counts[~ranked], mean_beta[~ranked], s=10, color="lightgrey", label="rarer")
+    ax.set_xscale("log")
+    ax.set_xlabel("token count in the text")
+    ax.set_ylabel("mean beta")
+    spearman = write["frequency_spearman"]
+    ax.set_title("write strength against frequency" + ("" if spearman is None else f" (Spearman {spearman:.2f})"),
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def half_life_histograms(horizon: dict):
     """Histogram of the half-life per GDN layer (rows) and head (columns), log-spaced bins."""
     edges = np.asarray(horizon["histogram"]["edges"])
@@ -196,6 +215,7 @@ def gradient_figure(gradients: dict):
 
 FIGURES = (
     ("beta_heatmap", "write_strength", beta_heatmap),
+    ("beta_frequency", "write_strength", beta_frequency),
     ("half_life", "forget_horizon", half_life_histograms),
     ("eigenvalues", "transition_spectrum", eigenvalue_histograms),
     ("state_rank", "state_content", state_rank_curves),

@@ -172,7 +172,9 @@ def render_html(results: dict, images: dict[str, bytes]) -> str:
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>GroundThink memory probes</title>",
              f"<style>{STYLE}</style></head><body><h1>GroundThink memory probes</h1>",
              f"<pre>{html.escape(format_summary(results))}</pre>"]
-    stems = {probe: stem for stem, probe, _ in FIGURES}
+    stems: dict[str, list[str]] = {}
+    for stem, probe, _ in FIGURES:
+        stems.setdefault(probe, []).append(stem)
     for name, title, explanation in SECTIONS:
         parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(explanation)}</p>")
         if name in results["skipped"]:
@@ -182,8 +184,7 @@ def render_html(results: dict, images: dict[str, bytes]) -> str:
         if name == "write_strength" and "tokens" in results:
             parts.append("<h3>Text coloured by mean beta over GDN layers and heads (viridis: dark 0, yellow 1)</h3>")
             parts.append(coloured_tokens(results["tokens"], np.asarray(result["token_mean"])))
-        stem = stems.get(name)
-        if stem in images:
+        for stem in stems.get(name, []):
             encoded = base64.b64encode(images[stem]).decode("ascii")
             parts.append(f"<img alt='{stem}' src='data:image/png;base64,{encoded}'>")
         parts.append(probe_tables(name, result))
