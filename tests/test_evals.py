@@ -24,7 +24,7 @@ from groundthink.evals.training import TaskTraining, train_mqar
 from groundthink.ops import recurrent_gated_delta_rule
 from groundthink.tokenizer import CharTokenizer
 
-from conftest import SHARED_DATA
+from conftest import REPO, SHARED_DATA
 
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 
@@ -419,3 +419,22 @@ def test_suite_registry_and_text_requirement(char_tokenizer):
         run_suite("ppl", model, char_tokenizer, "unused")
     with pytest.raises(EvalError, match="unknown suite"):
         run_suite("recall", model, char_tokenizer, "unused")
+
+
+def test_cli_train_mqar_then_eval(tmp_path, capsys):
+    """`train --task mqar` writes a checkpoint that `eval --suite mqar` scores on the trained task."""
+    from groundthink.cli import main
+
+    run = tmp_path / "run"
+    code = main(["train", "--task", "mqar", "--config", str(REPO / "configs" / "tiny.toml"),
+                 "--mqar", "vocab_size=32", "--mqar", "seq_len=32", "--mqar", "num_pairs=4", "--mqar", "mixture=none",
+                 "--set", "train.max_steps=4", "--set", "train.eval_interval=2", "--out", str(run)])
+    assert code == 0
+    assert "MQAR accuracy" in capsys.readouterr().out
+    out = tmp_path / "eval"
+    code = main(["eval", str(run), "--suite", "mqar", "--out", str(out), "--option", "examples=4"])
+    assert code == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert [(c["task"]["seq_len"], c["task"]["num_pairs"]) for c in saved["cells"]] == [(32, 4)]
+    assert main(["train", "--task", "mqar", "--mqar", "num_pairs=999", "--out", str(tmp_path / "bad")]) == 1
+    assert "num_pairs=999" in capsys.readouterr().err

@@ -29,11 +29,20 @@ SUITES = {
 """Suite name -> (options dataclass, run function)."""
 
 
+TEXT_SUITES = ("niah", "honest", "ppl")
+
+
 def run_suite(name: str, model: nn.Module, tokenizer, out_dir: str | Path, seed: int = 0,
-              overrides: Sequence[str] = (), **options: Any) -> dict[str, Any]:
-    """Run suite `name` on a model in eval mode; options come as keywords and `key=value` strings."""
+              overrides: Sequence[str] = (), corpus: str | None = None, **options: Any) -> dict[str, Any]:
+    """Run suite `name` on a model in eval mode; options come as keywords and `key=value` strings.
+
+    `corpus`, for the text suites, is the text to use, already split; without it they read the
+    `split` part of the file named by the `text` option.
+    """
     if name not in SUITES:
         raise EvalError(f"unknown suite {name!r}; choose one of {sorted(SUITES)}")
+    if corpus is not None and name not in TEXT_SUITES:
+        raise EvalError(f"suite {name!r} generates its own data and takes no corpus")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise EvalError(f"invalid seed={seed!r}: must be a non-negative integer")
     options_cls, run = SUITES[name]
@@ -41,6 +50,8 @@ def run_suite(name: str, model: nn.Module, tokenizer, out_dir: str | Path, seed:
     was_training = model.training
     model.eval()
     try:
+        if name in TEXT_SUITES:
+            return run(model, tokenizer, parsed, Path(out_dir), seed, corpus=corpus)
         return run(model, tokenizer, parsed, Path(out_dir), seed)
     finally:
         model.train(was_training)

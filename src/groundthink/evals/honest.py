@@ -283,14 +283,15 @@ def zero_shot_recall(model: nn.Module, tokenizer, pairs: Sequence[int], seq_len:
 # Suite
 # ---------------------------------------------------------------------------------------------
 
-def run(model: nn.Module, tokenizer, options: HonestOptions, out_dir: Path, seed: int) -> dict[str, Any]:
+def run(model: nn.Module, tokenizer, options: HonestOptions, out_dir: Path, seed: int,
+        corpus: str | None = None) -> dict[str, Any]:
     """Run the chosen parts; print their tables, write results.json and one plot per part."""
     if tokenizer is None:
         raise EvalError("the honest suite needs the model's tokenizer; load the model with load_checkpoint")
     start = time.perf_counter()
     pattern = model.config.layer_pattern
     out_dir = Path(out_dir)
-    text = load_text(options.text, options.split, options.val_fraction)
+    text = corpus if corpus is not None else load_text(options.text, options.split, options.val_fraction)
     ids = encode(tokenizer, text)
     windows = torch.from_numpy(token_windows(ids, options.seq_len + 1, options.max_windows))
     distance = options.copy_distance or model.config.window_size

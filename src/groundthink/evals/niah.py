@@ -184,14 +184,16 @@ def evaluate_cell(model: nn.Module, tokenizer, corpus: np.ndarray, length: int, 
             "accuracy": float(np.mean(correct)), "confusion_rate": float(np.mean(confused))}
 
 
-def run(model: nn.Module, tokenizer, options: NIAHOptions, out_dir: Path, seed: int) -> dict[str, Any]:
+def run(model: nn.Module, tokenizer, options: NIAHOptions, out_dir: Path, seed: int,
+        corpus: str | None = None) -> dict[str, Any]:
     """Evaluate every (variant, context length, depth) cell; print tables, write results.json and heat maps."""
     if tokenizer is None:
         raise EvalError("the niah suite needs the model's tokenizer; load the model with load_checkpoint")
     start = time.perf_counter()
     out_dir = Path(out_dir)
     pattern = model.config.layer_pattern
-    corpus = encode(tokenizer, load_text(options.text, options.split, options.val_fraction))
+    text = corpus if corpus is not None else load_text(options.text, options.split, options.val_fraction)
+    corpus = encode(tokenizer, text)
     cells = []
     for v, variant in enumerate(options.variants):
         for length in options.context_lengths:

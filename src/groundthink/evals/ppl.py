@@ -59,12 +59,13 @@ def evaluate_perplexity(model: nn.Module, tokenizer, text: str, seq_len: int, ma
             "loss_by_position": nll.mean(dim=0).tolist()}
 
 
-def run(model: nn.Module, tokenizer, options: PPLOptions, out_dir: Path, seed: int) -> dict[str, Any]:
+def run(model: nn.Module, tokenizer, options: PPLOptions, out_dir: Path, seed: int,
+        corpus: str | None = None) -> dict[str, Any]:
     """Score the held-out text; print a table, write results.json and the loss-by-position plot."""
     if tokenizer is None:
         raise EvalError("the ppl suite needs the model's tokenizer; load the model with load_checkpoint")
     start = time.perf_counter()
-    text = load_text(options.text, options.split, options.val_fraction)
+    text = corpus if corpus is not None else load_text(options.text, options.split, options.val_fraction)
     result = evaluate_perplexity(model, tokenizer, text, options.seq_len, options.max_windows, options.batch_size)
 
     print(f"perplexity of {model.config.layer_pattern} on {options.text} ({options.split} split)")

@@ -12,8 +12,9 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -22,7 +23,10 @@ from .mqar import MQARTask, accuracy_from_logits, evaluate_mqar, generate_mqar
 
 log = logging.getLogger(__name__)
 
-TRAIN_STREAM, EVAL_STREAM = 0, 1
+TRAIN_STREAM, EVAL_STREAM, MIXTURE_STREAM = 0, 1, 2
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+ZOOLOGY_MIXTURE = "64:4:5,128:8:1,256:16:1,256:32:1,256:64:1"
+"""T:N:weight of Zoology's standard MQAR training set: 100k examples of (T=64, N=4), 20k of each other."""
 
 
 @dataclass
@@ -46,8 +50,11 @@ class TaskTraining:
     grad_clip: float = 1.0
     """Maximum global gradient norm; 0 disables clipping."""
     time_budget_s: float = 0.0
-    """Wall-clock limit in seconds (0: none). After `calibration_steps` updates the schedule is
-    shortened to the number of updates that fit, then the run stops at the limit."""
+    """Time limit in seconds of `budget_clock` (0: none). After `calibration_steps` updates the
+    schedule is shortened to the number of updates that fit, then the run stops at the limit."""
+    budget_clock: str = "wall"
+    """Clock of the time budget: wall (elapsed time) or cpu (CPU time of this process, which a
+    CPU shared with other jobs does not eat into)."""
     calibration_steps: int = 20
     """Updates timed to size the schedule under a time budget."""
     eval_every: int = 100
@@ -70,6 +77,8 @@ class TaskTraining:
             raise EvalError(f"invalid lr={self.lr!r} / min_lr={self.min_lr!r}: need lr > 0 and 0 <= min_lr <= lr")
         if self.time_budget_s < 0:
             raise EvalError(f"invalid time_budget_s={self.time_budget_s!r}: must be 0 (no limit) or positive")
+        if self.budget_clock not in CLOCKS:
+            raise EvalError(f"invalid budget_clock={self.budget_clock!r}: use one of {tuple(CLOCKS)}")
         if not 0 < self.target_accuracy <= 1:
             raise EvalError(f"invalid target_accuracy={self.target_accuracy!r}: must lie in (0, 1]")
 
@@ -80,6 +89,7 @@ class TaskHistory:
 
     steps: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    budget_seconds: list[float] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     eval_accuracy: list[float] = field(default_factory=list)
     planned_steps: int = 0
@@ -112,20 +122,35 @@ def learning_rate(settings: TaskTraining, step: int, total_steps: int) -> float:
 
 
 def train_mqar(model: nn.Module, task: MQARTask, settings: TaskTraining,
-               on_eval: Callable[[int, float, float], None] | None = None) -> TaskHistory:
-    """Train `model` in place on MQAR batches; returns the evaluation history.
+               on_eval: Callable[[int, float, float], None] | None = None,
+               mixture: Sequence[tuple[MQARTask, float]] = ()) -> TaskHistory:
+    """Train `model` in place on MQAR batches and evaluate it on `task`; returns the history.
 
-    Loss and accuracy count query positions only. `on_eval(step, train_loss, accuracy)` is
-    called after every evaluation (for logging or checkpoints).
+    Without a mixture every batch is drawn from `task`. With `mixture` [(task, weight), ...],
+    each update draws its whole batch from one task picked with probability proportional to
+    its weight, as Zoology trains on several (T, N) settings at once. Loss and accuracy count
+    query positions only. `on_eval(step, train_loss, accuracy)` is called after every
+    evaluation (for logging or checkpoints).
     """
     task.validate()
     settings.validate()
+    train_tasks = [t for t, _ in mixture] or [task]
+    weights = np.array([w for _, w in mixture] or [1.0], dtype=np.float64)
+    for t in train_tasks:
+        t.validate()
+        if t.vocab_size != task.vocab_size:
+            raise EvalError(f"mixture task vocab_size={t.vocab_size} differs from the evaluation task's "
+                            f"{task.vocab_size}; every task must use the model's vocabulary")
+    if not (weights > 0).all():
+        raise EvalError(f"invalid mixture weights {weights.tolist()}: every weight must be positive")
+    weights = weights / weights.sum()
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.lr,
                                   betas=(settings.beta1, settings.beta2))
     history = TaskHistory(planned_steps=settings.max_steps)
     window = getattr(getattr(model, "config", None), "window_size", None)
-    start = time.perf_counter()
+    clock = CLOCKS[settings.budget_clock]
+    start, budget_start = time.perf_counter(), clock()
     total_steps = settings.max_steps
     recent_losses: list[float] = []
 
@@ -138,7 +163,8 @@ def train_mqar(model: nn.Module, task: MQARTask, settings: TaskTraining,
 
         # Forward and backward on a fresh batch; loss on query positions only.
         model.train()
-        batch = generate_mqar(task, settings.batch_size, seed=[settings.seed, TRAIN_STREAM, step])
+        chosen = np.random.default_rng([settings.seed, MIXTURE_STREAM, step]).choice(len(train_tasks), p=weights)
+        batch = generate_mqar(train_tasks[chosen], settings.batch_size, seed=[settings.seed, TRAIN_STREAM, step])
         out = model(batch.inputs.to(device), labels=batch.labels.to(device))
         loss = out.loss
         if not torch.isfinite(loss):
@@ -151,15 +177,15 @@ def train_mqar(model: nn.Module, task: MQARTask, settings: TaskTraining,
         optimizer.step()
         recent_losses.append(loss.item())
         step += 1
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - budget_start
 
         # Under a time budget, shrink the schedule to the updates that fit.
         if settings.time_budget_s and step == settings.calibration_steps:
             fitting = int(settings.time_budget_s / (elapsed / step) * 0.95)
             total_steps = max(step, min(settings.max_steps, fitting))
             history.planned_steps = total_steps
-            log.info("time budget %.0f s: %.3f s per update, schedule set to %d updates",
-                     settings.time_budget_s, elapsed / step, total_steps)
+            log.info("time budget %.0f s (%s clock): %.3f s per update, schedule set to %d updates",
+                     settings.time_budget_s, settings.budget_clock, elapsed / step, total_steps)
 
         # Evaluate on the fixed evaluation set; stop at the target accuracy or the time limit.
         over_time = bool(settings.time_budget_s) and elapsed >= settings.time_budget_s
@@ -171,6 +197,7 @@ def train_mqar(model: nn.Module, task: MQARTask, settings: TaskTraining,
             recent_losses.clear()
             history.steps.append(step)
             history.seconds.append(time.perf_counter() - start)
+            history.budget_seconds.append(clock() - budget_start)
             history.train_loss.append(train_loss)
             history.eval_accuracy.append(result["accuracy"])
             log.info("step %d/%d | loss %.4f | eval accuracy %.4f | lr %.2e | %.1f min", step, total_steps,
@@ -181,7 +208,7 @@ def train_mqar(model: nn.Module, task: MQARTask, settings: TaskTraining,
                 history.stop_reason = f"reached target accuracy {settings.target_accuracy}"
                 break
             if over_time:
-                history.stop_reason = f"time budget of {settings.time_budget_s:.0f} s spent"
+                history.stop_reason = f"time budget of {settings.time_budget_s:.0f} s ({settings.budget_clock} clock) spent"
                 break
     if not history.stop_reason:
         history.stop_reason = f"schedule of {total_steps} updates done"

@@ -1,0 +1,227 @@
+"""MQAR recall of GroundThink against a Transformer, a pure GDN and an SWA-only model.
+
+Every pattern gets the same width, depth, heads, training mixture, optimizer, seed and time
+budget, and runs one after another in this process (one thread by default, so other jobs on
+a shared CPU keep a core). After training, each model is tested on fresh examples of the
+target task, by query distance, over a sweep of pair counts, and with its memory ablated:
+
+- zero_memory at the first query slot (position 2N) must drop a model that recalls through
+  its GDN memory to chance;
+- cut_global from position 0 shows whether a GS model's recall goes through the SWA layer's
+  global pathway or through the GDN layer's own output.
+
+    python benchmarks/bench_recall.py --patterns GS,SS,AA,GG --budget-min 12 --out runs/recall
+
+Results go to OUT/results.json (rewritten atomically after every model), OUT/log.txt and
+OUT/recall_*.png; OUT/<pattern>/model.safetensors and config.json hold the trained weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from groundthink import GroundThinkConfig, GroundThinkLM
+from groundthink.config import ConfigError
+from groundthink.evals.ablation import ABLATIONS
+from groundthink.evals.common import format_table, pyplot, save_figure, write_results
+from groundthink.evals.mqar import (MQARTask, accuracy_by_distance, distance_edges, evaluate_mqar, generate_mqar,
+                                    query_correct)
+from groundthink.evals import command
+from groundthink.evals.training import ZOOLOGY_MIXTURE, TaskTraining, train_mqar
+
+log = logging.getLogger("bench_recall")
+
+TEST_STREAM = 7
+
+
+def parse_mixture(text: str, vocab: int) -> list[tuple[MQARTask, float]]:
+    try:
+        return command.parse_mixture(text, vocab)
+    except ConfigError as err:
+        raise SystemExit(f"invalid --mixture: {err}") from None
+
+
+def build_model(pattern: str, args: argparse.Namespace) -> GroundThinkLM:
+    torch.manual_seed(args.seed)
+    config = GroundThinkConfig(vocab_size=args.vocab, d_model=args.d_model, n_heads=args.n_heads,
+                               head_dim=args.head_dim, expand_v=args.expand_v, layer_pattern=pattern,
+                               window_size=args.window, memory_block=args.memory_block, chunk_size=args.chunk)
+    return GroundThinkLM(config)
+
+
+def ablated_accuracy(model: GroundThinkLM, task: MQARTask, examples: int, seed: int) -> dict:
+    """Target-task accuracy under each ablation that the model supports."""
+    batch = generate_mqar(task, examples, seed=[seed, TEST_STREAM, 1])
+    positions = {"zero_memory": 2 * task.num_pairs, "cut_global": 0}
+    out = {}
+    for name, (ablate, unsupported) in ABLATIONS.items():
+        reason = unsupported(model)
+        if reason is not None:
+            out[name] = {"skipped": reason}
+            continue
+        with ablate(model, positions[name]):
+            correct = query_correct(model, batch, batch_size=32)
+        out[name] = {"position": positions[name], "accuracy": float(correct.float().mean())}
+    out["intact"] = {"accuracy": float(query_correct(model, batch, batch_size=32).float().mean())}
+    return out
+
+
+def run_pattern(pattern: str, args: argparse.Namespace, task: MQARTask, mixture, out_dir: Path) -> dict:
+    model = build_model(pattern, args)
+    counts = model.parameter_counts()
+    log.info("=== %s: %d parameters (%s)", pattern, counts["total"],
+             ", ".join(f"{k} {v}" for k, v in counts.items() if v and k != "total"))
+    settings = TaskTraining(max_steps=args.max_steps, batch_size=args.batch, lr=args.lr, min_lr=args.lr / 10,
+                            warmup_steps=args.warmup, time_budget_s=args.budget_min * 60, budget_clock=args.budget_clock,
+                            eval_every=args.eval_every, eval_examples=256, target_accuracy=args.target, seed=args.seed)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    history = train_mqar(model, task, settings, mixture=mixture)
+    train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    log.info("%s: %s after %d updates, %.1f min wall, %.1f CPU min", pattern, history.stop_reason,
+             history.steps[-1], train_seconds / 60, train_cpu_seconds / 60)
+
+    batch = generate_mqar(task, args.test_examples, seed=[args.seed, TEST_STREAM])
+    correct = query_correct(model, batch, batch_size=32)
+    by_distance = accuracy_by_distance(correct, batch.distances, distance_edges(task.seq_len, args.window))
+    # A stack of L window-only layers sees at most L * (W - 1) tokens back.
+    reach = len(pattern) * (args.window - 1) + 1
+    beyond = batch.distances >= reach
+    sweep = []
+    for n in args.sweep_pairs:
+        cell = MQARTask(vocab_size=args.vocab, seq_len=task.seq_len, num_pairs=n)
+        sweep.append({"num_pairs": n, "accuracy": evaluate_mqar(model, cell, args.test_examples // 2,
+                                                                seed=[args.seed, TEST_STREAM, n])["accuracy"]})
+    ablations = ablated_accuracy(model, task, args.test_examples // 2, args.seed)
+
+    pattern_dir = out_dir / pattern
+    pattern_dir.mkdir(parents=True, exist_ok=True)
+    model.config.save(pattern_dir / "config.json")
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or
+             not model.config.tie_embeddings}
+    save_file(state, str(pattern_dir / "model.safetensors.tmp"))
+    (pattern_dir / "model.safetensors.tmp").replace(pattern_dir / "model.safetensors")
+
+    result = {"pattern": pattern, "parameters": counts["total"], "parameter_counts": counts,
+              "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds, "updates": history.steps[-1], "history": history.to_dict(),
+              "accuracy": float(correct.float().mean()), "chance": task.chance, "by_distance": by_distance,
+              "window_only_reach": reach, "queries_beyond_reach": int(beyond.sum()),
+              "accuracy_beyond_reach": float(correct[beyond].float().mean()) if beyond.any() else float("nan"),
+              "sweep": sweep, "ablations": ablations}
+    return result
+
+
+def plot(results: list[dict], task: MQARTask, out_dir: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for r in results:
+        bins = [b for b in r["by_distance"] if b["queries"]]
+        ax.plot([(b["min_distance"] + b["max_distance"]) / 2 for b in bins], [b["accuracy"] for b in bins],
+                marker="o", label=r["pattern"])
+    ax.axhline(task.chance, color="gray", linestyle="--", label="chance")
+    ax.set_xlabel("tokens from the value to its query")
+    ax.set_ylabel("query accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"MQAR T={task.seq_len}, {task.num_pairs} pairs, V={task.vocab_size}")
+    ax.legend()
+    save_figure(fig, out_dir / "recall_by_distance.png")
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for r in results:
+        ax.plot([s["num_pairs"] for s in r["sweep"]], [s["accuracy"] for s in r["sweep"]], marker="o",
+                label=r["pattern"])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(f"key-value pairs (T={task.seq_len})")
+    ax.set_ylabel("query accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    save_figure(fig, out_dir / "recall_by_pairs.png")
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for r in results:
+        h = r["history"]
+        ax.plot([s / 60 for s in h["seconds"]], h["eval_accuracy"], label=r["pattern"])
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel("eval accuracy (target task)")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    save_figure(fig, out_dir / "recall_training.png")
+
+
+def summary_table(results: list[dict]) -> str:
+    rows = []
+    for r in results:
+        ab = r["ablations"]
+        def show(name):
+            return "skip" if "skipped" in ab[name] else f"{ab[name]['accuracy']:.3f}"
+        rows.append([r["pattern"], r["parameters"], r["updates"], f"{r['train_cpu_seconds'] / 60:.1f}", r["accuracy"],
+                     r["accuracy_beyond_reach"], r["chance"], show("zero_memory"), show("cut_global")])
+    return format_table(["model", "params", "updates", "CPU min", "accuracy", "beyond window reach", "chance",
+                         "zero_memory", "cut_global"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patterns", default="GS,SS,AA,GG", help="comma-separated layer patterns")
+    parser.add_argument("--out", default="runs/recall", help="output folder")
+    parser.add_argument("--seq-len", type=int, default=256, help="T of the target task, tokens")
+    parser.add_argument("--pairs", type=int, default=32, help="key-value pairs N of the target task")
+    parser.add_argument("--vocab", type=int, default=8192, help="vocabulary size V")
+    parser.add_argument("--mixture", default="zoology",
+                        help=f"training tasks T:N:weight,...; zoology ({ZOOLOGY_MIXTURE}) or none (target task only)")
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--n-heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=64, help="GDN key dim K (memory slots per head)")
+    parser.add_argument("--expand-v", type=float, default=1.0, help="GDN value dim as a multiple of K")
+    parser.add_argument("--window", type=int, default=32, help="SWA window W, tokens")
+    parser.add_argument("--memory-block", type=int, default=32, help="memory block M, tokens")
+    parser.add_argument("--chunk", type=int, default=32, help="kernel chunk C, tokens")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine to lr/10)")
+    parser.add_argument("--warmup", type=int, default=50, help="warm-up updates")
+    parser.add_argument("--batch", type=int, default=32, help="examples per update")
+    parser.add_argument("--max-steps", type=int, default=20000, help="upper bound on updates")
+    parser.add_argument("--budget-min", type=float, default=12.0, help="training time budget per model, minutes")
+    parser.add_argument("--budget-clock", choices=("cpu", "wall"), default="cpu",
+                        help="clock of the budget: cpu (CPU time of this process; fair on a shared machine) or wall")
+    parser.add_argument("--eval-every", type=int, default=100, help="updates between evaluations")
+    parser.add_argument("--target", type=float, default=0.99, help="stop training at this eval accuracy")
+    parser.add_argument("--test-examples", type=int, default=1000, help="test examples of the target task")
+    parser.add_argument("--sweep-pairs", default="4,8,16,32,64", help="pair counts of the test sweep at T")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args()
+    args.sweep_pairs = [int(n) for n in args.sweep_pairs.split(",")]
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        handlers=[logging.StreamHandler(sys.stdout), logging.FileHandler(out_dir / "log.txt")])
+    torch.set_num_threads(args.threads)
+    task = MQARTask(vocab_size=args.vocab, seq_len=args.seq_len, num_pairs=args.pairs)
+    mixture = parse_mixture(args.mixture, args.vocab)
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+    log.info("command: %s", " ".join(sys.argv))
+    log.info("machine: %s", machine)
+
+    results = []
+    for pattern in args.patterns.split(","):
+        results.append(run_pattern(pattern, args, task, mixture, out_dir))
+        write_results(out_dir, {"command": " ".join(sys.argv), "machine": machine, "args": vars(args),
+                                "task": asdict(task), "models": results})
+        log.info("\n%s", summary_table(results))
+    plot(results, task, out_dir)
+    print(summary_table(results))
+    print(json.dumps({r["pattern"]: r["accuracy"] for r in results}))
+
+
+if __name__ == "__main__":
+    main()

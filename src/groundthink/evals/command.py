@@ -1,0 +1,186 @@
+"""Command-line glue: `groundthink eval CHECKPOINT --suite NAME` and `groundthink train --task mqar`.
+
+The eval command loads the checkpoint and calls `suite_runner(name)`; the suite prints its own
+tables and writes results.json and plots into --out. Text suites read the --split part of
+--data, or of the run's training text when --data is not given, split as the trainer splits it.
+
+`train --task mqar` trains on generated MQAR batches with `train_mqar` (no data files), using
+the [model] and [train] sections of the run config, and writes a checkpoint that `eval`
+loads. MQAR ids have no text, so that checkpoint's tokenizer holds only the unknown id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from groundthink.config import ConfigError
+
+from .common import EvalError
+
+log = logging.getLogger(__name__)
+
+TEXT_SUITES = ("niah", "honest", "ppl")
+
+
+# ---------------------------------------------------------------------------- eval
+def add_eval_suite_arguments(parser) -> None:
+    """Options of `groundthink eval` used by the suites of groundthink.evals."""
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for results.json and PNG plots of the mqar, niah and honest suites "
+                             "(default: RUN_FOLDER/eval-SUITE)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated examples (default 0)")
+    parser.add_argument("--option", dest="suite_options", action="append", default=[], metavar="KEY=VALUE",
+                        help="suite option, comma-separated for lists, e.g. --option num_pairs=8,16,32 "
+                             "--option context_lengths=256,512 (repeatable; see groundthink.evals)")
+
+
+def _run_text(args, extra: dict[str, Any]) -> tuple[str, str]:
+    """(source name, text of the chosen split) from --data or from the run's training data source."""
+    from groundthink.data import DataConfig, load_splits, read_text_source
+
+    data = extra["run_config"].get("data")
+    data_config = DataConfig(**data) if data else DataConfig()
+    if args.data is not None:
+        splits = read_text_source(args.data, data_config.val_fraction)
+        source = str(args.data)
+    elif data:
+        splits = load_splits(data_config)
+        source = data_config.path or "default corpus"
+    else:
+        raise ConfigError(f"{extra['path']} was not trained on text; pass --data PATH (a UTF-8 text file)")
+    return source, {"val": splits.val, "train": splits.train, "all": splits.train + splits.val}[args.split]
+
+
+def suite_runner(name: str) -> Callable[..., dict[str, Any]]:
+    """A runner `(args, model, tokenizer, extra) -> summary` of suite `name` for the eval command."""
+
+    def run(args, model, tokenizer, extra: dict[str, Any]) -> dict[str, Any]:
+        from . import run_suite
+
+        folder = Path(extra["path"])
+        run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder
+        out = args.out or run_dir / f"eval-{name}"
+        options: dict[str, Any] = {}
+        corpus = None
+        if name in TEXT_SUITES:
+            source, corpus = _run_text(args, extra)
+            options.update(text=source, split=args.split)
+        if name == "mqar" and "mqar" in extra["run_config"] and not any(
+                o.startswith(("seq_lens=", "num_pairs=")) for o in args.suite_options):
+            trained = extra["run_config"]["mqar"]["task"]
+            options.update(seq_lens=(trained["seq_len"],), num_pairs=(trained["num_pairs"],))
+        try:
+            results = run_suite(name, model, tokenizer, out, seed=args.seed, overrides=args.suite_options,
+                                corpus=corpus, **options)
+        except EvalError as err:
+            raise ConfigError(str(err)) from None
+        return {"out": str(out), "seconds": results.get("seconds", 0.0)}
+
+    return run
+
+
+# ---------------------------------------------------------------------------- train --task mqar
+def add_mqar_train_arguments(parser) -> None:
+    """Options of `groundthink train` for training on generated MQAR data."""
+    parser.add_argument("--task", choices=("text", "mqar"), default="text",
+                        help="text: train on --data; mqar: train on generated multi-query associative recall "
+                             "(no data files; [model] and [train] of the config apply, [data] is ignored)")
+    parser.add_argument("--mqar", dest="mqar_options", action="append", default=[], metavar="KEY=VALUE",
+                        help="MQAR setting for --task mqar: vocab_size, seq_len, num_pairs, power_a, "
+                             "random_non_queries, or mixture=T:N:WEIGHT,... ('zoology' for Zoology's training "
+                             "set, 'none' for the target task only; default zoology), e.g. --mqar num_pairs=32 "
+                             "(repeatable)")
+
+
+def parse_mixture(text: str, vocab_size: int):
+    """[(task, weight)] from "T:N:WEIGHT,...", "zoology" (Zoology's training set) or "none"."""
+    from .mqar import MQARTask
+    from .training import ZOOLOGY_MIXTURE
+
+    if text == "none":
+        return []
+    mixture = []
+    for item in (ZOOLOGY_MIXTURE if text == "zoology" else text).split(","):
+        parts = item.split(":")
+        try:
+            seq_len, num_pairs, weight = int(parts[0]), int(parts[1]), float(parts[2])
+        except (ValueError, IndexError):
+            raise ConfigError(f"invalid mixture item {item!r}: use T:N:WEIGHT, e.g. 64:4:5") from None
+        mixture.append((MQARTask(vocab_size=vocab_size, seq_len=seq_len, num_pairs=num_pairs), weight))
+    return mixture
+
+
+def mqar_task_from_options(items: list[str]):
+    """(target task, training mixture) from `--mqar KEY=VALUE` items."""
+    from .common import parse_options
+    from .mqar import MQARTask
+
+    values = dict(item.partition("=")[::2] for item in items)
+    mixture_text = values.pop("mixture", "zoology")
+    try:
+        task = parse_options(MQARTask, [f"{k}={v}" for k, v in values.items()])
+        mixture = parse_mixture(mixture_text, task.vocab_size)
+        for t, _ in mixture:
+            t.validate()
+    except EvalError as err:
+        raise ConfigError(str(err)) from None
+    return task, mixture
+
+
+def run_mqar_train_command(args, run) -> int:
+    """Train the run config's model on MQAR and save a checkpoint into args.out."""
+    import torch
+
+    from groundthink.checkpoint import save_checkpoint
+    from groundthink.model import GroundThinkLM
+    from groundthink.tokenizer import CharTokenizer
+
+    from .mqar import evaluate_mqar
+    from .training import EVAL_STREAM, TaskTraining, train_mqar
+
+    task, mixture = mqar_task_from_options(args.mqar_options)
+    cfg = run.train
+    if cfg.grad_accum != 1:
+        raise ConfigError(f"invalid train.grad_accum={cfg.grad_accum}: --task mqar updates on one batch at a time; "
+                          "raise train.batch_size instead")
+    settings = TaskTraining(max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.min_lr,
+                            warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, beta1=cfg.beta1,
+                            beta2=cfg.beta2, grad_clip=cfg.grad_clip, time_budget_s=cfg.max_minutes * 60,
+                            eval_every=cfg.eval_interval, seed=cfg.seed)
+    try:
+        settings.validate()
+    except EvalError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+
+    config = dataclasses.replace(run.model, vocab_size=task.vocab_size)
+    torch.manual_seed(cfg.seed)
+    model = GroundThinkLM(config).to(device)
+    log.info("MQAR task %s, mixture %s", dataclasses.asdict(task),
+             [(t.seq_len, t.num_pairs, w) for t, w in mixture] or "none")
+    log.info("model %s: %s parameters on %s", config.layer_pattern, f"{model.num_parameters():,}", device)
+
+    start = time.perf_counter()
+    history = train_mqar(model, task, settings, mixture=mixture)
+    result = evaluate_mqar(model, task, settings.eval_examples, seed=[settings.seed, EVAL_STREAM],
+                           window=config.window_size if "S" in config.layer_pattern else None)
+
+    run_config = {"model": config.to_dict(), "train": dataclasses.asdict(cfg),
+                  "mqar": {"task": dataclasses.asdict(task),
+                           "mixture": [[dataclasses.asdict(t), w] for t, w in mixture],
+                           "history": history.to_dict(), "accuracy": result["accuracy"]}}
+    # MQAR ids have no text; the checkpoint format needs a tokenizer, so it stores one with only <unk>.
+    folder = save_checkpoint(args.out, model=model, tokenizer=CharTokenizer([]), run_config=run_config,
+                             step=history.steps[-1])
+    print(f"done: {history.stop_reason}; MQAR accuracy {result['accuracy']:.4f} (chance {result['chance']:.4f}) "
+          f"after {history.steps[-1]} updates, {(time.perf_counter() - start) / 60:.1f} min; checkpoint {folder}")
+    print(json.dumps({"accuracy": result["accuracy"], "by_distance": result["by_distance"]}))
+    return 0
