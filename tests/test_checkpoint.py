@@ -41,7 +41,8 @@ def test_round_trip_same_logits(tmp_path):
     assert loaded.lm_head.weight.data_ptr() == loaded.embed.weight.data_ptr(), "tied weights stay tied"
     assert config.to_dict() == run_config["model"]
     assert loaded_tokenizer.to_json() == tokenizer.to_json()
-    assert extra["step"] == 7 and extra["tokens"] == 70
+    assert extra["step"] == 7
+    assert extra["tokens"] == 70
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000007"
 
 

@@ -37,15 +37,19 @@ def test_train_then_eval(text_file, tmp_path, capsys):
                  *common_args(tmp_path)])
     assert code == 0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["step"] == 12 and records[-1]["val_loss"] is not None
+    assert records[-1]["step"] == 12
+    assert records[-1]["val_loss"] is not None
     assert (run_dir / "checkpoints" / "step-00000012" / "model.safetensors").exists()
     saved = json.loads((run_dir / "config.json").read_text())
-    assert saved["train"]["max_steps"] == 12 and saved["data"]["path"] == str(text_file.resolve())
+    assert saved["train"]["max_steps"] == 12
+    assert saved["data"]["path"] == str(text_file.resolve())
     capsys.readouterr()
 
     assert main(["eval", str(run_dir), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["step"] == 12 and result["split"] == "val" and result["tokenizer"] == "char"
+    assert result["step"] == 12
+    assert result["split"] == "val"
+    assert result["tokenizer"] == "char"
     assert result["tokens"] == 5_999, "every validation character after the first is scored"
     assert result["perplexity"] == pytest.approx(2.718281828 ** result["loss"])
     assert result["bits_per_char"] == pytest.approx(result["loss"] / 0.693147181)
@@ -62,7 +66,8 @@ def test_eval_text_with_unseen_characters(text_file, tmp_path, capsys):
     assert main(["eval", str(run_dir), "--data", str(other), "--split", "all", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["unknown_chars"] >= 8 * 20
-    assert result["bytes"] > result["chars"] and math.isfinite(result["loss"])
+    assert result["bytes"] > result["chars"]
+    assert math.isfinite(result["loss"])
 
 
 def test_resume_through_cli(text_file, tmp_path, capsys):
@@ -86,7 +91,8 @@ def test_resume_through_cli(text_file, tmp_path, capsys):
 def test_bad_input_one_error_line(argv, message, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in err
+    assert "Traceback" not in err
 
 
 def test_module_entry_point_help():

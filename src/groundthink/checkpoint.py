@@ -171,7 +171,7 @@ def _read_latest(root: Path) -> str | None:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint folder for a run folder, its `checkpoints` folder, or a checkpoint folder itself."""
+    """Find the checkpoint folder of a run folder, of its `checkpoints` folder, or return a checkpoint folder itself."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint path not found: {path}; pass a run folder (the --out of "
@@ -268,7 +268,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     """Load a checkpoint for inference: (model in eval mode, tokenizer, model config, extra).
 
     `path` is a run folder (its latest checkpoint is used) or a checkpoint folder.
-    `extra` holds "step", "tokens" (training tokens seen), "run_config" (the full
+    `extra` contains "step", "tokens" (training tokens seen), "run_config" (the full
     resolved config with model, data and train sections) and "path" (the folder).
     """
     folder = resolve_checkpoint(path)

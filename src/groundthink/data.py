@@ -46,7 +46,7 @@ class DataError(ValueError):
 
 @dataclass
 class DataConfig:
-    """Where the training text comes from and how it is tokenized and cut into sequences."""
+    """Source, tokenizer and sequence length of the training text."""
 
     path: str = ""
     """UTF-8 text file or folder of .txt files; empty for the default Shakespeare corpus."""
@@ -144,7 +144,7 @@ def load_splits(config: DataConfig) -> TextSplits:
 
 # ---------------------------------------------------------------------------- token cache
 def token_dtype(vocab_size: int, dtype: np.dtype | str | None = None) -> np.dtype:
-    """The cache dtype for a vocabulary: uint16 up to 65,536 ids, else uint32, or `dtype` if it fits."""
+    """Return the cache dtype for a vocabulary: uint16 up to 65,536 ids, else uint32, or `dtype` if it fits."""
     if dtype is None:
         dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
     dtype = np.dtype(dtype)

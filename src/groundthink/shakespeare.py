@@ -48,7 +48,7 @@ _FOOTER_START = re.compile(r"^\s*\*{3}\s*END OF (THIS|THE) PROJECT GUTENBERG.*$"
 
 
 class CorpusUnavailableError(RuntimeError):
-    """The default corpus could not be downloaded or verified; the message says what to do instead."""
+    """The default corpus could not be downloaded or verified; the message gives the alternatives."""
 
 
 @dataclass

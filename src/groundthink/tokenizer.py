@@ -27,9 +27,9 @@ class TokenizerError(ValueError):
 class CharTokenizer:
     """One id per Unicode code point seen at build time, plus `<unk>` at id 0.
 
-    Id 0 is reserved for characters the tokenizer never saw while it was built:
-    `encode` maps every such character to 0 (never an error), and `decode` turns
-    id 0 into U+FFFD, the Unicode replacement character, so one id still
+    Id 0 is reserved for characters absent from the text the tokenizer was built
+    from: `encode` maps every such character to 0 instead of raising. `decode`
+    turns id 0 into U+FFFD, the Unicode replacement character, so one id still
     decodes to one character. Known characters take ids 1..n in code point order.
     """
 

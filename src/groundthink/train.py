@@ -99,7 +99,7 @@ class TrainConfig:
     dtype: str = "auto"
     """Autocast dtype: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16."""
     activation_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass (less memory, about 30% more compute)."""
+    """Recompute each block's activations in the backward pass (less memory, one more forward pass per block)."""
     num_threads: int = 0
     """torch CPU threads (0 keeps torch's default)."""
     progress_bar: bool = True
@@ -255,8 +255,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
         target = no_decay if param.dim() < 2 or name in embedding_names else decay
         target[name] = param
     every = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert set(decay) | set(no_decay) == every and not set(decay) & set(no_decay), \
-        "optimizer groups must cover every trainable parameter exactly once"
+    if set(decay) | set(no_decay) != every or set(decay) & set(no_decay):
+        raise RuntimeError("optimizer groups must cover every trainable parameter exactly once")
     return [{"params": list(decay.values()), "names": sorted(decay), "weight_decay": weight_decay},
             {"params": list(no_decay.values()), "names": sorted(no_decay), "weight_decay": 0.0}]
 
@@ -482,10 +482,9 @@ class TrainResult:
 def train(run: RunConfig, out_dir: str | os.PathLike, resume: bool = False) -> TrainResult:
     """Train a GroundThinkLM as configured, writing checkpoints and metrics into `out_dir`.
 
-    With `resume`, continue from the latest checkpoint in `out_dir`; on CPU the
-    continued run reproduces the losses of an uninterrupted one exactly (without
-    a time budget), because model, optimizer, RNG states and the batch index
-    all resume.
+    With `resume`, continue from the latest checkpoint in `out_dir`. Model,
+    optimizer, RNG states and the batch index all resume, so on CPU and without
+    a time budget the continued run reproduces an uninterrupted one's losses exactly.
     """
     cfg = run.train
     cfg.validate()
@@ -557,6 +556,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, runtime: Runtime) -> Tra
     # disable=None hides the bar when stderr is not a terminal (a log file), leaving the log lines.
     bar = tqdm(total=cfg.max_steps, initial=step, disable=True if not (main and cfg.progress_bar) else None,
                unit="step", dynamic_ncols=True, mininterval=1.0)
+    start_step = step
     start = time.perf_counter() - elapsed_offset
     interval_start, interval_tokens, interval_losses = time.perf_counter(), 0, []
     loss_value, val_loss, saved = float("nan"), None, None
@@ -612,7 +612,8 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, runtime: Runtime) -> Tra
                         f.write(f"=== step {step}, val_loss {val_loss:.4f}\n{data.tokenizer.decode(prompt)}{text}\n")
 
             # 6. Log one line and one metrics record per interval (rank 0).
-            if main and (step % cfg.log_interval == 0 or val_loss is not None or stop):
+            first_step = step == start_step + 1
+            if main and (step % cfg.log_interval == 0 or val_loss is not None or stop or first_step):
                 now = time.perf_counter()
                 record = {"step": step, "tokens": tokens, "loss": float(np.mean(interval_losses)),
                           "val_loss": val_loss, "lr": lr,
@@ -626,7 +627,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, runtime: Runtime) -> Tra
                          f"{record['tokens_per_s']:,.0f}", record["elapsed_s"] / 60)
                 interval_start, interval_tokens, interval_losses = time.perf_counter(), 0, []
 
-            # 7. Checkpoint (rank 0), last thing in the step so it holds everything above.
+            # 7. Checkpoint (rank 0), last in the step so that it contains everything above.
             if main and (step % cfg.save_interval == 0 or stop):
                 state = {"optimizer": optimizer.state_dict(), "tokens": tokens, "elapsed_s": time.perf_counter() - start,
                          "rng": capture_rng_state(), "world_size": runtime.world_size,
