@@ -119,7 +119,7 @@ def test_two_point_sweep_resumes(tmp_path, monkeypatch):
 
 def test_sweep_rejects_other_grid_in_same_folder(tmp_path):
     run_sweep(tiny_spec(), tmp_path, only=[0])
-    with pytest.raises(ConfigError, match="holds a different sweep"):
+    with pytest.raises(ConfigError, match="contains a different sweep"):
         run_sweep(tiny_spec(grid=("expand_v=1,4",)), tmp_path)
 
 

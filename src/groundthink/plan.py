@@ -11,9 +11,9 @@ Everything here is computed from the config alone, without building the model:
   width and depth.
 
 Activations are counted from the tensors that autograd saves for the backward pass, layer by
-layer, as the PyTorch code in `groundthink.layers` and `groundthink.ops` saves them
-(`measure_saved_tensor_bytes` measures the same quantity on a real model, and the tests compare
-the two). Shapes use `B` batch, `T` tokens, `D` d_model, `H` heads, `K` head_dim, `V` value dim,
+layer, as the PyTorch code in `groundthink.layers` and `groundthink.ops` saves them.
+`measure_saved_tensor_bytes` measures the same quantity on a real model, and the tests compare
+the two. Shapes use `B` batch, `T` tokens, `D` d_model, `H` heads, `K` head_dim, `V` value dim,
 `d = D / H`, `F` SwiGLU hidden size, `C` chunk size, `N = ceil(T / C)` chunks, `Tp = N * C`,
 `W` window, `M` memory block.
 """
@@ -34,8 +34,8 @@ DTYPES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2}
 FLOAT32 = 4
 INT64 = 8
 DECODE_CONTEXTS = (1024, 32768, 131072)
-# Device memory a CUDA process holds outside PyTorch tensors (context, kernels, allocator
-# slack): an assumed round figure, not a measurement; `--reserve` overrides it.
+# Device memory a CUDA process uses outside PyTorch tensors (context, kernels, allocator slack).
+# This is an assumed round figure, not a measurement, and `--reserve` overrides it.
 DEFAULT_CUDA_RESERVE = 512 * 2**20
 # A Transformer counts as parameter-matched when its total is within this fraction of the model's.
 MATCH_TOLERANCE = 0.05
@@ -77,8 +77,8 @@ def _itemsize(dtype: str) -> int:
 
 # ---------------------------------------------------------------------------- layer structure
 def layer_roles(config: GroundThinkConfig) -> list[dict[str, Any]]:
-    """One dict per layer: its type, and for GDN whether an SWA layer above reads its block states,
-    for SWA whether a GDN layer below gives it a global pathway (the model's own rules)."""
+    """List each layer's type, whether an SWA layer above reads its block states (GDN), and whether
+    a GDN layer below gives it a global pathway (SWA), by the model's own rules."""
     types = config.layer_types
     roles = []
     for i, layer_type in enumerate(types):
@@ -233,8 +233,8 @@ def _gdn_kernel_saved(t: Tally, s: _Sizes, short_conv: bool) -> None:
         # Without padding, q and k keep the convolution's transposed layout, so matmul saves
         # contiguous copies of q, k (twice) and k*beta.
         t.add("kernel copies of q, k, k*beta", 4 * rows * s.K, FLOAT32)
-    # With several sequences, matmul copies the chunk-major views k_to_end (twice), W and U
-    # into contiguous batches and saves the copies; with one it saves views of k * decay_to_end.
+    # With several sequences, matmul copies the chunk-major views k_to_end (twice), W and U into
+    # contiguous batches and saves the copies. With one sequence it saves views of k * decay_to_end.
     if BH > 1:
         t.add("kernel chunk-major copies of k_to_end, W, U", rows * (3 * s.K + s.V), FLOAT32)
     else:
@@ -428,9 +428,9 @@ def recurrent_memory(config: GroundThinkConfig, dtype: str = "fp32") -> dict[str
 
 
 def decode_cache_bytes(config: GroundThinkConfig, context: int, batch: int = 1, dtype: str = "fp32") -> dict[str, int]:
-    """Bytes a decoding run holds after `context` tokens, by component, as
-    GroundThinkLM.state_bytes computes them: GDN state and conv tails, SWA window and snapshots,
-    and for `A` layers keys and values of every token."""
+    """Compute the bytes of a decoding cache after `context` tokens, by component, as
+    GroundThinkLM.state_bytes does: GDN state and conv tails, SWA window and snapshots, and for
+    `A` layers the keys and values of every token."""
     item = _itemsize(dtype)
     memory = recurrent_memory(config, dtype)
     gdn = memory["gdn_layers"] * (memory["state_bytes_per_layer"] + memory["conv_tail_bytes_per_layer"])
@@ -444,7 +444,7 @@ def decode_cache_bytes(config: GroundThinkConfig, context: int, batch: int = 1, 
 
 
 def transformer_baseline(config: GroundThinkConfig) -> GroundThinkConfig:
-    """The Transformer of the same width and depth: every layer full attention (`A`)."""
+    """Return the Transformer of the same width and depth: every layer full attention (`A`)."""
     return dataclasses.replace(config, layer_pattern="A" * config.n_layers)
 
 
@@ -468,7 +468,7 @@ def checkpointed_activation_bytes(config: GroundThinkConfig, batch: int, seq_len
 
 @dataclass(frozen=True)
 class Budget:
-    """What one training step runs with."""
+    """Shape, precision and device memory of one training step."""
 
     batch: int = 8
     """Sequences per micro-batch."""
@@ -499,12 +499,12 @@ class Budget:
 
 
 def _step_peaks(config: GroundThinkConfig, budget: Budget, batch: int) -> dict[str, int]:
-    """Peak bytes of one training step with and without activation checkpointing.
+    """Estimate the peak bytes of one training step with and without activation checkpointing.
 
-    Two moments bound the step (both measured with the PyTorch profiler on CPU, see
-    benchmarks/bench_plan_memory.py): the start of backward holds weights, AdamW state, every
-    saved activation and two float32 [B, T, vocab] gradients of the loss; the end of backward
-    and the optimizer step hold weights, gradients and AdamW state plus temporaries.
+    Two moments bound the step, as profiled on CPU by benchmarks/bench_plan_memory.py. The
+    start of backward keeps weights, AdamW state, every saved activation and two float32
+    [B, T, vocab] gradients of the loss. The end of backward and the optimizer step keep
+    weights, gradients and AdamW state plus temporaries.
     """
     P = parameter_counts(config)["total"]
     weights, grads, adamw = P * FLOAT32, P * FLOAT32, 2 * P * FLOAT32
@@ -786,7 +786,7 @@ def format_plan(report: dict[str, Any]) -> str:
 
 
 def comparison(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What each report adds over the first: parameters, state floats, peak memory."""
+    """Compute what each report adds over the first: parameters, state floats, peak memory."""
     base = reports[0]
     rows = []
     for report in reports:
@@ -843,8 +843,9 @@ def resolve_changes(spec: str, model: GroundThinkConfig) -> tuple[list[str], str
     """Turn a change spec such as 'expand_v=4,head_dim=64' or 'd_model*1.4' into `model.KEY=VALUE`
     overrides for train.apply_overrides, and a label.
 
-    `KEY*FACTOR` scales the current value; integer fields round to the nearest integer, and
-    d_model to the nearest multiple of 2 * n_heads (attention heads of even size, for RoPE).
+    `KEY*FACTOR` scales the current value. Integer fields round to the nearest integer, and
+    d_model rounds to the nearest multiple of 2 * n_heads so that attention heads have an even
+    size, which RoPE needs.
     """
     overrides, labels = [], []
     for item in (part.strip() for part in spec.split(",")):

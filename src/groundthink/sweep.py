@@ -3,12 +3,12 @@ and plot recall against state size and loss against parameters.
 
 A sweep lives in one output folder:
 
-    sweep.json               what the sweep is (grid, seeds, task, budget); a rerun must match it
-    points/point-007.json    one file per finished point, written atomically
-    points/point-007/        the text task's training run of that point (checkpoints, metrics)
-    results.json, results.md the table of every finished point
-    recall_vs_state.png      MQAR accuracy against recurrent state floats per sequence
-    loss_vs_params.png       validation loss against parameters
+- `sweep.json`: the definition (grid, seeds, task, budget), which a rerun must match.
+- `points/point-007.json`: one result file per finished point, written atomically.
+- `points/point-007/`: the training run of a text-task point (checkpoints, metrics).
+- `results.json`, `results.md`: the table of every finished point.
+- `recall_vs_state.png`: MQAR accuracy against recurrent state floats per sequence.
+- `loss_vs_params.png`: validation loss against parameters.
 
 A point is done when its file exists, so an interrupted sweep resumes where it stopped and
 points can be spread over machines (`--shard i/n` or `--only INDEX`): copy the point files into
@@ -126,7 +126,7 @@ class Point:
 
 
 def expand_grid(base: GroundThinkConfig, grid: list[tuple[str, list[Any]]], seeds: list[int]) -> list[Point]:
-    """Every combination of grid values (first key slowest) times every seed, each validated."""
+    """Build one validated point per combination of grid values (first key slowest) and seed."""
     keys = [key for key, _ in grid]
     points = []
     for index, (values, seed) in enumerate(itertools.product(itertools.product(*[v for _, v in grid]), seeds)):
@@ -141,7 +141,7 @@ def expand_grid(base: GroundThinkConfig, grid: list[tuple[str, list[Any]]], seed
 
 
 def select_points(points: list[Point], only: list[int] | None = None, shard: str | None = None) -> list[Point]:
-    """The points this process runs: the given indices, or every n-th from i for shard 'i/n'."""
+    """Pick the points this process runs: the given indices, or every n-th from i for shard 'i/n'."""
     if only is not None and shard is not None:
         raise ConfigError("pass either --only or --shard, not both")
     if only is not None:
@@ -164,7 +164,8 @@ def select_points(points: list[Point], only: list[int] | None = None, shard: str
 # ---------------------------------------------------------------------------- the sweep
 @dataclass
 class SweepSpec:
-    """What a sweep trains and how; saved as sweep.json so that a rerun can check it matches."""
+    """Definition of a sweep (task, grid, seeds, budget), saved as sweep.json so that a rerun
+    can check that it continues the same sweep."""
 
     task: str
     grid: list[tuple[str, list[Any]]]
@@ -223,8 +224,8 @@ def prepare_out_dir(out_dir: Path, spec: SweepSpec) -> None:
         saved = json.loads(path.read_text(encoding="utf-8"))
         if saved != wanted:
             differing = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-            raise ConfigError(f"{out_dir} holds a different sweep (differs in {differing}); rerun with the same "
-                              "arguments to resume it, or choose another --out")
+            raise ConfigError(f"{out_dir} contains a different sweep (differs in {differing}); rerun with the "
+                              "same arguments to resume it, or choose another --out")
         return
     write_json(path, wanted)
 
@@ -354,9 +355,11 @@ def run_text_point(point: Point, spec: SweepSpec, run_dir: Path) -> dict[str, An
 
 
 def probe_memory(model, ids, train_context: int) -> dict[str, Any]:
-    """Mean slot-attention focus ratio of the SWA memory readers and the median memory half-life
-    of the GDN heads on `ids`, from groundthink.probes; a probe that does not apply gives a
-    'skipped' reason."""
+    """Measure, with groundthink.probes on `ids`, the mean slot-attention focus ratio of the SWA
+    memory readers and the median memory half-life of the GDN heads.
+
+    A probe that does not apply to the model or input returns a 'skipped' reason instead.
+    """
     try:
         from groundthink.probes import (ProbeInputError, ProbeNotApplicable, forget_horizon, memory_readers,
                                         trace_model)
@@ -391,7 +394,7 @@ def probe_memory(model, ids, train_context: int) -> dict[str, Any]:
 
 
 def run_niah(model, tokenizer, spec: SweepSpec, run, out_dir: Path, seed: int) -> dict[str, Any]:
-    """Needle-in-a-haystack accuracy of a text-trained point, when the sweep asks for it."""
+    """Run the needle-in-a-haystack suite on a text-trained point when the sweep requests it."""
     if spec.niah is None:
         return {"skipped": "not requested (pass --niah to run it)"}
     try:
@@ -510,6 +513,7 @@ def add_sweep_arguments(parser) -> None:
     parser.add_argument("--grid", nargs="+", default=None, metavar="KEY=V1,V2",
                         help="model config fields and their values, e.g. head_dim=32,64 expand_v=1,2,4 "
                              "layer_pattern=GSGS,GGSS; every combination is one point")
+
     parser.add_argument("--out", type=Path, required=True,
                         help="sweep folder: sweep.json, points/point-NNN.json, results.md, plots")
     parser.add_argument("--task", choices=TASKS, default="mqar",
@@ -520,6 +524,7 @@ def add_sweep_arguments(parser) -> None:
                              "also its [data] and [train] sections")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one value of the run config, e.g. --set model.d_model=64 (repeatable)")
+
     parser.add_argument("--mqar", action="append", default=[], metavar="KEY=VALUE",
                         help="MQAR task field (vocab_size, seq_len, num_pairs, power_a, random_non_queries), "
                              "e.g. --mqar num_pairs=16 (repeatable)")
@@ -527,6 +532,7 @@ def add_sweep_arguments(parser) -> None:
                         help="MQAR training field (max_steps, batch_size, lr, min_lr, warmup_steps, time_budget_s, "
                              "eval_every, eval_examples, ...), e.g. --train max_steps=300 (repeatable); for "
                              "--task text use --set train.KEY=VALUE")
+
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; every config trains once per seed "
                                                      "(default 0)")
     parser.add_argument("--probe-examples", type=int, default=16,
@@ -534,6 +540,7 @@ def add_sweep_arguments(parser) -> None:
     parser.add_argument("--niah", nargs="*", default=None, metavar="KEY=VALUE",
                         help="run the needle-in-a-haystack suite on text points, with optional suite options "
                              "such as context_lengths=256,512")
+
     parser.add_argument("--only", default=None,
                         help="run only these point indices, comma-separated (see --list)")
     parser.add_argument("--shard", default=None, metavar="I/N",
