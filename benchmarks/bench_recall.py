@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -93,7 +94,7 @@ def run_pattern(pattern: str, args: argparse.Namespace, task: MQARTask, mixture,
     batch = generate_mqar(task, args.test_examples, seed=[args.seed, TEST_STREAM])
     correct = query_correct(model, batch, batch_size=32)
     by_distance = accuracy_by_distance(correct, batch.distances, distance_edges(task.seq_len, args.window))
-    # A stack of L window-only layers sees at most L * (W - 1) tokens back.
+    # The receptive field of L window-only layers ends L * (W - 1) tokens back.
     reach = len(pattern) * (args.window - 1) + 1
     beyond = batch.distances >= reach
     sweep = []
@@ -208,19 +209,51 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     task = MQARTask(vocab_size=args.vocab, seq_len=args.seq_len, num_pairs=args.pairs)
     mixture = parse_mixture(args.mixture, args.vocab)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
     log.info("command: %s", " ".join(sys.argv))
     log.info("machine: %s", machine)
 
-    results = []
+    # Models already in OUT/results.json with the same settings are kept, so an interrupted
+    # comparison continues and patterns can be added later.
+    settings = {k: v for k, v in vars(args).items() if k not in ("patterns", "out", "threads")}
+    results, commands = load_previous(out_dir / "results.json", settings)
+    commands.append(" ".join(sys.argv))
     for pattern in args.patterns.split(","):
-        results.append(run_pattern(pattern, args, task, mixture, out_dir))
-        write_results(out_dir, {"command": " ".join(sys.argv), "machine": machine, "args": vars(args),
-                                "task": asdict(task), "models": results})
+        if any(r["pattern"] == pattern for r in results):
+            log.info("%s: already in %s, skipped", pattern, out_dir / "results.json")
+            continue
+        result = run_pattern(pattern, args, task, mixture, out_dir)
+        result["machine"] = machine
+        results.append(result)
+        write_results(out_dir, {"commands": commands, "settings": settings, "task": asdict(task),
+                                "models": results})
         log.info("\n%s", summary_table(results))
     plot(results, task, out_dir)
     print(summary_table(results))
     print(json.dumps({r["pattern"]: r["accuracy"] for r in results}))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_previous(path: Path, settings: dict) -> tuple[list[dict], list[str]]:
+    """Models and commands of an earlier run into the same folder; exit if its settings differ."""
+    if not path.exists():
+        return [], []
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    differ = sorted(k for k in set(settings) | set(saved.get("settings", {}))
+                    if settings.get(k) != saved.get("settings", {}).get(k))
+    if differ:
+        raise SystemExit(f"{path} holds a comparison with other settings ({', '.join(differ)}); "
+                         "pass another --out or the same settings")
+    return saved["models"], saved.get("commands", [])
 
 
 if __name__ == "__main__":

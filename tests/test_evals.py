@@ -52,7 +52,7 @@ def char_tokenizer() -> CharTokenizer:
 # ---------------------------------------------------------------------------------------------
 
 class OracleModel(nn.Module):
-    """Answers every query by looking its key up in the pairs at the start of the input."""
+    """Predicts each query's value by looking its key up in the pairs at the start of the input."""
 
     def __init__(self, task: MQARTask):
         super().__init__()
@@ -104,13 +104,15 @@ def test_mqar_structure(random_non_queries):
     V, T, N = 128, 96, 12
     task = MQARTask(vocab_size=V, seq_len=T, num_pairs=N, random_non_queries=random_non_queries)
     batch = generate_mqar(task, 20, seed=0)
-    assert batch.inputs.shape == (20, T) and batch.labels.shape == (20, T)
+    assert batch.inputs.shape == (20, T)
+    assert batch.labels.shape == (20, T)
     for e in range(20):
         ids, labels = batch.inputs[e].tolist(), batch.labels[e].tolist()
         keys, values = ids[0:2 * N:2], ids[1:2 * N:2]
         assert all(1 <= k < V // 2 for k in keys), keys
         assert all(V // 2 <= v < V for v in values), values
-        assert len(set(keys)) == N and len(set(values)) == N
+        assert len(set(keys)) == N
+        assert len(set(values)) == N
         value_of = dict(zip(keys, values))
 
         query_positions = [t for t in range(T) if labels[t] != IGNORE_INDEX]
@@ -151,7 +153,7 @@ def test_mqar_rejects_bad_task(kwargs, message):
 
 
 def test_mqar_oracle_scores_one():
-    """A model that looks keys up in the pairs answers every query correctly."""
+    """A model that looks keys up in the pairs gets every query right."""
     task = MQARTask(vocab_size=128, seq_len=96, num_pairs=12)
     result = evaluate_mqar(OracleModel(task), task, 16, seed=0, batch_size=8)
     assert result["accuracy"] == 1.0
@@ -159,7 +161,7 @@ def test_mqar_oracle_scores_one():
 
 
 def test_mqar_random_model_scores_chance():
-    """Random answers among the value ids score 1 / (number of values), within 4 standard deviations."""
+    """Random predictions among the value ids score 1 / (number of values), within 4 standard deviations."""
     task = MQARTask(vocab_size=128, seq_len=256, num_pairs=32)
     allowed = torch.arange(128) >= 64
     result = evaluate_mqar(RandomModel(128, allowed), task, 200, seed=0, batch_size=50)
@@ -303,8 +305,10 @@ def test_repeat_distances_and_copy_masks():
     assert repeat_distances(window, 3).tolist()[14] == 3
     far, near = copy_masks(window[None], distance=5, match=3)
     # Targets are window[1:], so token i sits in column i - 1.
-    assert bool(far[0, 10]) and not bool(near[0, 10])
-    assert bool(near[0, 13]) and not bool(far[0, 13])
+    assert bool(far[0, 10])
+    assert not bool(near[0, 10])
+    assert bool(near[0, 13])
+    assert not bool(far[0, 13])
     assert int(far.sum()) == 1
 
 
@@ -323,16 +327,21 @@ def test_niah_prompt_structure(char_tokenizer):
         assert text.count(needle) == 1
         at = text.index(needle) / (400 - len(needle) - len(f"\nThe passkey of {name} is"))
         assert abs(at - depth) < 0.25, (depth, at)
-    if True:
-        rng = np.random.default_rng(1)
-        example = build_prompt(char_tokenizer, corpus, 600, 0.5, "distractor", 3, "word", rng)
-        text = char_tokenizer.decode(example["prompt"])
-        name = text.rsplit("The passkey of ", 1)[1].removesuffix(" is")
-        others = [line.split(" is ")[0].removeprefix("The passkey of ") for line in text.split("\n")
-                  if line.startswith("The passkey of ") and " is " in line]
-        similar = [o for o in others if o != name]
-        assert len(similar) == 3
-        assert all(len(o) == len(name) and sum(a != b for a, b in zip(o, name)) == 1 for o in similar)
+
+
+def test_niah_distractors_differ_by_one_letter(char_tokenizer):
+    """Distractor needles carry names one letter away from the queried name."""
+    corpus = np.asarray(char_tokenizer.encode(SHAKESPEARE.read_text(encoding="utf-8")[:20000]))
+    example = build_prompt(char_tokenizer, corpus, 600, 0.5, "distractor", 3, "word", np.random.default_rng(1))
+    text = char_tokenizer.decode(example["prompt"])
+    name = text.rsplit("The passkey of ", 1)[1].removesuffix(" is")
+    keys = [line.split(" is ")[0].removeprefix("The passkey of ") for line in text.split("\n")
+            if line.startswith("The passkey of ") and " is " in line]
+    similar = [k for k in keys if k != name]
+    assert len(similar) == 3
+    for key in similar:
+        assert len(key) == len(name)
+        assert sum(a != b for a, b in zip(key, name)) == 1, (key, name)
 
 
 def test_niah_rejects_bad_options(char_tokenizer):
@@ -355,17 +364,21 @@ def test_entity_examples_structure(char_tokenizer):
         text = char_tokenizer.decode(e["prompt"])
         facts = [line for line in text.split("\n") if " has a " in line and line.endswith(".")]
         assert len(facts) >= 10
-        asked = text.rsplit("\n", 1)[1].removesuffix(" has a")
-        assert asked in NAMES
+        queried = text.rsplit("\n", 1)[1].removesuffix(" has a")
+        assert queried in NAMES
         thing = char_tokenizer.decode(e["answer"]).strip()
-        assert thing in OBJECTS and f"{asked} has a {thing}.\n" in text
-        assert len(e["others"]) == 9 and e["answer"].tolist() not in [o.tolist() for o in e["others"]]
+        assert thing in OBJECTS
+        assert f"{queried} has a {thing}.\n" in text
+        assert len(e["others"]) == 9
+        assert e["answer"].tolist() not in [o.tolist() for o in e["others"]]
 
 
 def test_parse_options_types_and_errors():
     """Comma lists become tuples of the field's type; unknown keys name the valid ones."""
     options = parse_options(MQAROptions, ["num_pairs=4,8", "power_a=1", "examples=3"])
-    assert options.num_pairs == (4, 8) and options.power_a == 1.0 and options.examples == 3
+    assert options.num_pairs == (4, 8)
+    assert options.power_a == 1.0
+    assert options.examples == 3
     with pytest.raises(EvalError, match="valid options"):
         parse_options(MQAROptions, ["pairs=4"])
     with pytest.raises(EvalError, match="expected int"):
@@ -388,7 +401,8 @@ def test_mqar_suite_writes_results_and_repeats(tmp_path):
     second = run_suite("mqar", model, None, tmp_path / "b", seed=1, overrides=options)
     assert _without_timing(first) == _without_timing(second)
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
-    assert saved["suite"] == "mqar" and len(saved["cells"]) == 1
+    assert saved["suite"] == "mqar"
+    assert len(saved["cells"]) == 1
     assert saved["skipped"][0]["num_pairs"] == 16
     assert (tmp_path / "a" / "mqar_accuracy.png").stat().st_size > 0
 
@@ -405,7 +419,8 @@ def test_text_suites_run_on_real_text(tmp_path, char_tokenizer, pattern):
     assert (tmp_path / "honest" / "results.json").exists()
     niah = run_suite("niah", model, char_tokenizer, tmp_path / "niah", text=str(SHAKESPEARE),
                      overrides=["context_lengths=160", "depths=0,1", "examples=1", "variants=single"])
-    assert len(niah["cells"]) == 2 and (tmp_path / "niah" / "niah_single.png").exists()
+    assert len(niah["cells"]) == 2
+    assert (tmp_path / "niah" / "niah_single.png").exists()
     ppl = run_suite("ppl", model, char_tokenizer, tmp_path / "ppl", text=str(SHAKESPEARE),
                     overrides=["seq_len=32", "max_windows=2"])
     assert ppl["bits_per_char"] == pytest.approx(ppl["loss"] / math.log(2))

@@ -36,8 +36,8 @@ def run_suite(name: str, model: nn.Module, tokenizer, out_dir: str | Path, seed:
               overrides: Sequence[str] = (), corpus: str | None = None, **options: Any) -> dict[str, Any]:
     """Run suite `name` on a model in eval mode; options come as keywords and `key=value` strings.
 
-    `corpus`, for the text suites, is the text to use, already split; without it they read the
-    `split` part of the file named by the `text` option.
+    `corpus` gives a text suite its text, already split. Without it, the suite reads the `split`
+    part of the file named by the `text` option.
     """
     if name not in SUITES:
         raise EvalError(f"unknown suite {name!r}; choose one of {sorted(SUITES)}")

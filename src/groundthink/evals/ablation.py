@@ -6,8 +6,8 @@ Two ablations, each a context manager active for the forward passes run inside i
   at position p so that the log decay there is g_p = -decay (default 1000), hence
   alpha_p = exp(g_p) = 0 in float32 and float64. The recurrence
   S_p = alpha_p (I - beta_p k_p k_p^T) S_{p-1} + beta_p k_p v_p^T then keeps only the write of
-  token p: every GDN layer forgets all tokens before p, in its own output and in the block
-  states that SWA layers read. Outputs before p are unchanged (the model is causal).
+  token p. So no GDN layer retains any token before p, neither in its own output nor in the
+  block states that SWA layers read. Outputs before p are unchanged (the model is causal).
   The short convolution still mixes the conv_size - 1 tokens before p into q, k and v at
   p .. p + conv_size - 2, so tokens right before p are not entirely forgotten.
 - `cut_global_pathway_from(model, p)`: a forward hook on `gate_proj` of every SWA layer with
@@ -36,13 +36,13 @@ DEFAULT_DECAY = 1000.0
 
 
 def gdn_layers(model: nn.Module) -> list[nn.Module]:
-    """The GDN mixers of a GroundThinkLM, bottom to top."""
+    """Return the GDN mixers of a GroundThinkLM, bottom to top."""
     blocks = getattr(model, "blocks", [])
     return [block.mixer for block in blocks if getattr(block, "layer_type", None) == "gdn"]
 
 
 def global_pathway_layers(model: nn.Module) -> list[nn.Module]:
-    """The SWA mixers that read the GDN memory (an S layer with a G layer below it)."""
+    """Return the SWA mixers that read the GDN memory (an S layer with a G layer below it)."""
     blocks = getattr(model, "blocks", [])
     return [block.mixer for block in blocks
             if getattr(block, "layer_type", None) == "swa" and getattr(block.mixer, "has_memory", False)]

@@ -57,7 +57,7 @@ def _run_text(args, extra: dict[str, Any]) -> tuple[str, str]:
 
 
 def suite_runner(name: str) -> Callable[..., dict[str, Any]]:
-    """A runner `(args, model, tokenizer, extra) -> summary` of suite `name` for the eval command."""
+    """Return the eval command's runner `(args, model, tokenizer, extra) -> summary` of suite `name`."""
 
     def run(args, model, tokenizer, extra: dict[str, Any]) -> dict[str, Any]:
         from . import run_suite

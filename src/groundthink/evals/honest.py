@@ -8,8 +8,8 @@
    sequence whose previous occurrence lies more than W tokens back (names, terms), against
    all tokens. Only the memory (or full attention) can carry such a repeat.
 3. Entity tracking: "X has a Y." for 5 to 50 entities, real distractor text, then the
-   question "X has a"; accuracy by entity count and distance, and the confusion rate
-   (answering another entity's attribute).
+   question "X has a". It reports accuracy by entity count and distance, and the confusion
+   rate (the model continues with another entity's attribute).
 4. Zero-shot associative recall: MQAR over the tokenizer's alphabetic tokens, for a model
    trained only on language modelling.
 """
@@ -46,7 +46,7 @@ class HonestOptions:
     val_fraction: float = 0.1
     """Fraction of the corpus, from its end, that forms the val split."""
     parts: tuple[str, ...] = PARTS
-    """Which tests to run: state_ablation, copy, entities, zero_shot_ar."""
+    """Tests to run: state_ablation, copy, entities, zero_shot_ar."""
     seq_len: int = 512
     """Tokens per window of the state-ablation and copy tests."""
     max_windows: int = 64
@@ -168,9 +168,9 @@ def repeat_distances(window: np.ndarray, match: int) -> np.ndarray:
 def copy_masks(windows: np.ndarray, distance: int, match: int) -> tuple[np.ndarray, np.ndarray]:
     """Masks [n, T - 1] over the targets windows[:, 1:]: (far, near).
 
-    far: the target completes a repeat of `match` tokens whose previous occurrence ended more
-    than `distance` tokens earlier, and no occurrence lies closer; near: the closest previous
-    occurrence ended at most `distance` tokens earlier.
+    far: the target completes a repeat of `match` tokens, and the closest previous occurrence
+    ended more than `distance` tokens earlier. near: that occurrence ended at most `distance`
+    tokens earlier.
     """
     d = np.stack([repeat_distances(w, match) for w in windows])[:, 1:]           # [n, T - 1]
     return d > distance, (d > 0) & (d <= distance)
@@ -244,8 +244,27 @@ def entity_tracking(model: nn.Module, tokenizer, haystack: np.ndarray, counts: S
             cells.append({"entities": count, "distractor_tokens": distractor, "examples": len(examples),
                           "prompt_tokens": int(prompts.shape[1]),
                           "accuracy": float(np.mean(correct)), "confusion_rate": float(np.mean(confused)),
-                          "distances": [e["distance"] for e in examples], "correct": correct})
-    return {"cells": cells}
+                          "distances": [e["distance"] for e in examples], "correct": correct,
+                          "confused": confused})
+    return {"cells": cells, "by_distance": entity_accuracy_by_distance(cells)}
+
+
+def entity_accuracy_by_distance(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Accuracy and confusion rate per entity count over distance bins [0, 64), [64, 128), [128, 256), ..."""
+    rows = []
+    for count in sorted({c["entities"] for c in cells}):
+        distances = np.concatenate([c["distances"] for c in cells if c["entities"] == count])
+        correct = np.concatenate([c["correct"] for c in cells if c["entities"] == count])
+        confused = np.concatenate([c["confused"] for c in cells if c["entities"] == count])
+        low, high = 0, 64
+        while low <= distances.max():
+            inside = (distances >= low) & (distances < high)
+            if inside.any():
+                rows.append({"entities": count, "min_distance": low, "max_distance": high,
+                             "questions": int(inside.sum()), "accuracy": float(correct[inside].mean()),
+                             "confusion_rate": float(confused[inside].mean())})
+            low, high = high, high * 2
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,6 +340,10 @@ def run(model: nn.Module, tokenizer, options: HonestOptions, out_dir: Path, seed
         print(format_table(["entities", "distractor", "prompt tokens", "accuracy", "confusion"],
                            [[c["entities"], c["distractor_tokens"], c["prompt_tokens"], c["accuracy"],
                              c["confusion_rate"]] for c in part["cells"]]))
+        print("by distance from the fact to the question (tokens)")
+        print(format_table(["entities", "distance", "questions", "accuracy", "confusion"],
+                           [[r["entities"], f"[{r['min_distance']}, {r['max_distance']})", r["questions"],
+                             r["accuracy"], r["confusion_rate"]] for r in part["by_distance"]]))
         plot_entities(part, pattern, out_dir / "honest_entities.png")
 
     if "zero_shot_ar" in options.parts:

@@ -9,8 +9,8 @@ Variants:
 - single: one needle;
 - multi: the queried needle at depth d plus `extra_needles` needles of other names at random depths;
 - distractor: the queried needle plus `extra_needles` needles whose names differ from the
-  queried name in one letter and whose values differ (interference); the confusion rate counts
-  answers that are a distractor's value.
+  queried name in one letter and whose values differ (interference). The confusion rate counts
+  continuations that are a distractor's value.
 The needle sits at a line start nearest to the depth when the haystack has line breaks, so it
 does not split a word.
 """
@@ -50,7 +50,7 @@ class NIAHOptions:
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     """Needle depths as fractions of the haystack (0 = start, 1 = right before the question)."""
     variants: tuple[str, ...] = VARIANTS
-    """Which variants to run: single, multi, distractor."""
+    """Variants to run: single, multi, distractor."""
     extra_needles: int = 3
     """Needles besides the queried one in the multi and distractor variants."""
     value_kind: str = "word"
@@ -86,13 +86,13 @@ def random_value(kind: str, rng: np.random.Generator) -> str:
     return "".join(rng.choice(list(alphabet), size=5))
 
 
-def similar_name(name: str, rng: np.random.Generator, taken: set[str]) -> str:
-    """A name that differs from `name` in one lowercase letter and is not in `taken`."""
+def similar_name(name: str, rng: np.random.Generator, used: set[str]) -> str:
+    """Return a name that differs from `name` in one lowercase letter and is not in `used`."""
     for _ in range(1000):
         i = int(rng.integers(1, len(name)))
         letter = str(rng.choice(list(string.ascii_lowercase)))
         candidate = name[:i] + letter + name[i + 1:]
-        if candidate != name and candidate not in taken:
+        if candidate != name and candidate not in used:
             return candidate
     raise EvalError(f"could not find a name one letter away from {name!r}; lower extra_needles")
 
@@ -110,14 +110,15 @@ def line_starts(tokenizer, haystack: np.ndarray) -> np.ndarray:
 
 
 def insertion_point(starts: np.ndarray, length: int, depth: float) -> int:
-    """The line start nearest to depth * length."""
+    """Return the line start nearest to depth * length."""
     target = depth * length
     return int(starts[np.argmin(np.abs(starts - target))])
 
 
 def build_prompt(tokenizer, corpus: np.ndarray, length: int, depth: float, variant: str, extra: int,
                  value_kind: str, rng: np.random.Generator) -> dict[str, Any]:
-    """One needle-in-a-haystack prompt of exactly `length` tokens, with its answer and distractor answers."""
+    """Build one needle-in-a-haystack prompt of exactly `length` tokens, with the expected value and the
+    values of the other needles."""
     # 1. Needles: the queried one and, per variant, others with other or similar names.
     name = str(rng.choice(NAMES))
     value = random_value(value_kind, rng)
@@ -127,10 +128,10 @@ def build_prompt(tokenizer, corpus: np.ndarray, length: int, depth: float, varia
         for i in rng.choice(len(names), size=extra, replace=False):
             others.append((names[i], random_value(value_kind, rng)))
     elif variant == "distractor":
-        taken = {name}
+        used = {name}
         for _ in range(extra):
-            similar = similar_name(name, rng, taken)
-            taken.add(similar)
+            similar = similar_name(name, rng, used)
+            used.add(similar)
             other_value = random_value(value_kind, rng)
             while other_value == value:
                 other_value = random_value(value_kind, rng)

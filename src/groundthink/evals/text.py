@@ -1,4 +1,4 @@
-"""Real-text helpers of the text suites: corpus splits, token windows, per-token loss, greedy answers."""
+"""Real-text helpers of the text suites: corpus splits, token windows, per-token loss, greedy decoding."""
 
 from __future__ import annotations
 
@@ -69,8 +69,11 @@ def encode(tokenizer, text: str) -> np.ndarray:
 
 
 def encode_exact(tokenizer, text: str, what: str) -> np.ndarray:
-    """Token ids of text; raise EvalError when they do not decode back to the same text
-    (characters the tokenizer does not know, such as digits for a char vocabulary without them)."""
+    """Encode text; raise EvalError when the ids do not decode back to the same text.
+
+    That happens for characters the tokenizer does not know, such as digits for a char
+    vocabulary built from text without digits.
+    """
     ids = encode(tokenizer, text)
     back = tokenizer.decode(ids)
     if back != text:
@@ -135,6 +138,6 @@ def greedy_continuations(model: nn.Module, prompts: torch.Tensor, n_tokens: int,
     return torch.cat(outputs, dim=0)
 
 
-def starts_with(generated: Sequence[int], answer: Sequence[int]) -> bool:
-    """Whether the generated ids begin with the answer ids."""
-    return len(generated) >= len(answer) and list(generated[: len(answer)]) == list(answer)
+def starts_with(generated: Sequence[int], expected: Sequence[int]) -> bool:
+    """Return whether the generated ids begin with the expected ids."""
+    return len(generated) >= len(expected) and list(generated[: len(expected)]) == list(expected)

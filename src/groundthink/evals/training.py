@@ -1,7 +1,7 @@
 """A small training loop for synthetic tasks (MQAR) on generated batches.
 
 Every update draws a fresh batch from the seed sequence [seed, 0, step], so a run repeats
-exactly from its seed and never sees the evaluation examples, which come from [seed, 1].
+exactly from its seed and never trains on the evaluation examples, drawn from [seed, 1].
 The optimizer follows the text trainer: AdamW with weight decay on matrices only, linear
 warm-up, cosine decay to min_lr, gradient clipping, and a finite-loss check before each update.
 """
@@ -85,7 +85,7 @@ class TaskTraining:
 
 @dataclass
 class TaskHistory:
-    """What a synthetic-task run did, one entry per evaluation."""
+    """Record of a synthetic-task run, one entry per evaluation."""
 
     steps: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
