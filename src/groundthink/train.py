@@ -14,8 +14,8 @@ import json
 import logging
 import math
 import os
+import sys
 import time
-import tomllib
 import typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -40,6 +40,11 @@ from groundthink.data import (TRAIN_STREAM, VAL_STREAM, DataConfig, PreparedData
 from groundthink.model import GroundThinkLM
 from groundthink.ops import resolve_backend
 from groundthink.tokenizer import Tokenizer
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 log = logging.getLogger(__name__)
 
