@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +157,27 @@ def test_results_table_lists_changes():
     assert "| 3 | 2.0000 | 0 | 1,000 | 64 | 0.5000 | 1.2500 | 0.2000 | 12.0 | 10 | 1 |" in table
     with pytest.raises(ConfigError, match="not a sweep folder"):
         collect_results("/nonexistent/sweep")
+
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} not found")
+def test_text_sweep_point(tmp_path):
+    """Guards the text task's wiring: train.py run folder, checkpoint reload, probes on val text."""
+    repo = Path(__file__).resolve().parents[1]
+    args = ["sweep", "--task", "text", "--out", str(tmp_path), "--config", str(repo / "configs" / "tiny.toml"),
+            "--grid", "expand_v=1", "--probe-examples", "2",
+            "--set", f"data.path={json.dumps(str(SHAKESPEARE))}",
+            "--set", f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}",
+            "--set", "train.max_steps=2", "--set", "train.eval_interval=2", "--set", "train.eval_batches=1",
+            "--set", "train.sample_tokens=0", "--set", "train.progress_bar=false"]
+    assert main(args) == 0
+    record = json.loads((tmp_path / "points" / "point-000.json").read_text())
+    assert record["task"] == "text"
+    assert record["steps"] == 2
+    assert record["val_loss"] > 0
+    assert record["mqar_accuracy"] is None
+    assert "half_life_median" in record["probes"]
+    assert record["niah"]["skipped"].startswith("not requested")

@@ -425,7 +425,8 @@ def _cell(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value + 0.0:.{digits}f}" if value != 0 else f"{0.0:.{digits}f}"
+        text = f"{value:.{digits}f}"
+        return f"{0.0:.{digits}f}" if float(text) == 0 else text
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
@@ -434,14 +435,16 @@ def _cell(value: Any, digits: int = 4) -> str:
 def results_table(records: list[dict[str, Any]]) -> str:
     """Markdown table of the finished points."""
     keys = list(records[0]["changes"]) if records else []
-    headers = ["point", *keys, "seed", "params", "state floats", "MQAR acc", "val loss", "focus", "half-life",
-               "steps", "seconds"]
+    with_niah = any(r.get("niah", {}).get("accuracy") is not None for r in records)
+    headers = ["point", *keys, "seed", "params", "state floats", "MQAR acc", "val loss",
+               *(["NIAH acc"] if with_niah else []), "focus", "half-life", "steps", "seconds"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in records:
         probes = r.get("probes", {})
+        niah = [r.get("niah", {}).get("accuracy")] if with_niah else []
         row = [r["index"], *[r["changes"].get(k) for k in keys], r["seed"], r["parameters"], r["state_floats"],
-               r.get("mqar_accuracy"), r.get("val_loss"), probes.get("focus_ratio"), probes.get("half_life_median"),
-               r.get("steps"), round(r.get("seconds", 0.0))]
+               r.get("mqar_accuracy"), r.get("val_loss"), *niah, probes.get("focus_ratio"),
+               probes.get("half_life_median"), r.get("steps"), round(r.get("seconds", 0.0))]
         cells = [_cell(v, 1) if k == "half-life" else _cell(v) for k, v in zip(headers, row)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
