@@ -110,6 +110,9 @@ def read_text_file(path: Path) -> str:
 
 def read_text_source(path: str | os.PathLike, val_fraction: float) -> TextSplits:
     """Read a file or a folder of .txt files and split it by characters into train and validation text."""
+    # NOTE: the whole corpus is read and tokenized in memory, an estimated 20 bytes per character
+    # at peak (the text, a UTF-32 copy for the char tokenizer, int64 ids), so a corpus of more
+    # than about RAM / 20 characters fails here.
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"data path not found: {path}; pass --data a UTF-8 text file or a folder of .txt files")

@@ -563,13 +563,15 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, runtime: Runtime) -> Tra
                unit="step", dynamic_ncols=True, mininterval=1.0)
     start_step = step
     start = time.perf_counter() - elapsed_offset
-    interval_start, interval_tokens, interval_losses = time.perf_counter(), 0, []
+    # Throughput counts the time of the updates only, not evaluation, sampling or checkpoints.
+    interval_train_s, interval_tokens, interval_losses = 0.0, 0, []
     loss_value, val_loss, saved = float("nan"), None, None
     model.train()
     with logging_redirect_tqdm():
         while step < cfg.max_steps:
             # 1. Learning rate of this update.
-            lr = learning_rate(cfg, step, time.perf_counter() - start)
+            update_start = time.perf_counter()
+            lr = learning_rate(cfg, step, update_start - start)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
@@ -594,6 +596,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, runtime: Runtime) -> Tra
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            interval_train_s += time.perf_counter() - update_start
             tokens += tokens_per_step
             interval_tokens += tokens_per_step
             interval_losses.append(loss_value)
@@ -622,7 +625,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, runtime: Runtime) -> Tra
                 now = time.perf_counter()
                 record = {"step": step, "tokens": tokens, "loss": float(np.mean(interval_losses)),
                           "val_loss": val_loss, "lr": lr,
-                          "tokens_per_s": interval_tokens / max(now - interval_start, 1e-9),
+                          "tokens_per_s": interval_tokens / max(interval_train_s, 1e-9),
                           "elapsed_s": now - start}
                 _write_metrics(run_dir, record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
@@ -630,7 +633,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, runtime: Runtime) -> Tra
                 log.info("step %d/%d | loss %.4f | val %s | lr %.2e | %s tok/s | %.1f min", step, cfg.max_steps,
                          record["loss"], "-" if val_loss is None else f"{val_loss:.4f}", lr,
                          f"{record['tokens_per_s']:,.0f}", record["elapsed_s"] / 60)
-                interval_start, interval_tokens, interval_losses = time.perf_counter(), 0, []
+                interval_train_s, interval_tokens, interval_losses = 0.0, 0, []
 
             # 7. Checkpoint (rank 0), last in the step so that it contains everything above.
             if main and (step % cfg.save_interval == 0 or stop):
