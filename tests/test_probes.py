@@ -384,8 +384,10 @@ def test_probe_command_writes_report(checkpoint_dir, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text((SHARED_DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:3000], encoding="utf-8")
     out = tmp_path / "out"
+    threads = torch.get_num_threads()
     assert main(["-q", "probe", str(checkpoint_dir), "--text", str(text), "--out", str(out),
-                 "--max-tokens", "600"]) == 0
+                 "--max-tokens", "600", "--num-threads", "1"]) == 0
+    assert torch.get_num_threads() == threads, "--num-threads must not leak into the calling process"
     stdout = capsys.readouterr().out
     assert "flags (" in stdout
     assert "wrote" in stdout

@@ -38,6 +38,9 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text tokens between the needle and the query (default: 4 x window_size)")
     parser.add_argument("--no-needle", action="store_true", help="skip the needle probe")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--num-threads", type=int, default=1,
+                        help="CPU threads of PyTorch (default 1; 0 keeps PyTorch's default). On a CPU shared with "
+                             "other jobs, more threads than free cores make the probes many times slower")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random keys of the needle probe")
 
 
@@ -57,17 +60,33 @@ def run_probe_command(args: argparse.Namespace) -> int:
     """Load the checkpoint, run the probes on the text, write the report and print the summary."""
     import torch
 
+    if not args.text.is_file():
+        raise ProbeInputError(f"text file not found: {args.text}; pass --text a UTF-8 text file")
+    if args.max_tokens < 0:
+        raise ProbeInputError(f"invalid --max-tokens {args.max_tokens}: pass 0 (all tokens) or a positive count")
+    if args.num_threads < 0:
+        raise ProbeInputError(f"invalid --num-threads {args.num_threads}: pass 0 (PyTorch's default) or a "
+                              "positive count")
+
+    # The thread count is process-wide, so it goes back to its old value for callers in the same process.
+    previous_threads = torch.get_num_threads()
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    try:
+        return probe_and_report(args)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def probe_and_report(args: argparse.Namespace) -> int:
+    import torch
+
     from ..checkpoint import load_checkpoint
     from ..data import read_text_file
     from .report import write_report
 
     start = time.perf_counter()
-    if not args.text.is_file():
-        raise ProbeInputError(f"text file not found: {args.text}; pass --text a UTF-8 text file")
-    if args.max_tokens < 0:
-        raise ProbeInputError(f"invalid --max-tokens {args.max_tokens}: pass 0 (all tokens) or a positive count")
     model, tokenizer, config, extra = load_checkpoint(args.checkpoint, device=torch.device(args.device))
-
     ids = np.asarray(tokenizer.encode(read_text_file(args.text)), dtype=np.int64)
     if args.max_tokens > 0:
         ids = ids[: args.max_tokens]
@@ -84,6 +103,7 @@ def run_probe_command(args: argparse.Namespace) -> int:
     results["meta"]["checkpoint"] = str(extra["path"])
     results["meta"]["step"] = extra["step"]
     results["meta"]["text"] = str(args.text)
+    results["meta"]["num_threads"] = torch.get_num_threads()
     probe_seconds = time.perf_counter() - start
     paths = write_report(results, args.out)
     total = time.perf_counter() - start
