@@ -93,10 +93,11 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return beta [B, T, H] and the log decay g [B, T, H], both in float32."""
-        beta = torch.sigmoid(self.b_proj(x).float())
-        # float32 because softplus and exp of bf16 logits put g off by whole percents.
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        """Return beta [B, T, H] and the log decay g [B, T, H], both in at least float32."""
+        # At least float32 because softplus and exp of bf16 logits put g off by whole percents.
+        wide = torch.promote_types(x.dtype, torch.float32)
+        beta = torch.sigmoid(self.b_proj(x).to(wide))
+        g = -self.A_log.to(wide).exp() * F.softplus(self.a_proj(x).to(wide) + self.dt_bias.to(wide))
         return beta, g
 
     def forward(

@@ -94,7 +94,8 @@ class SlidingWindowAttention(nn.Module):
         slot_values = self.state_v_proj(memory.to(q.dtype))                       # [B, N, H, K, d]
         q_blocks = F.pad(q, (0, 0, 0, 0, 0, N * M - T)).view(B, N, M, H, d)
         scores = torch.einsum("bnmhd,bnhkd->bnmhk", q_blocks, slot_keys) * d ** -0.5
-        weights = scores.float().softmax(dim=-1).to(q.dtype)                       # [B, N, M, H, K]
+        # Softmax in at least float32: bf16 logits over K slots round the weights visibly.
+        weights = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(dim=-1).to(q.dtype)
         out = torch.einsum("bnmhk,bnhkd->bnmhd", weights, slot_values)
         return out.reshape(B, N * M, H, d)[:, :T], weights.reshape(B, N * M, H, -1)[:, :T]
 

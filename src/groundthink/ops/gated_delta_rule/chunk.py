@@ -146,12 +146,13 @@ def chunk_gated_delta_rule(
     transition = decay_chunk.t()[..., None, None] * eye_k - k_to_end @ W.transpose(0, 1)   # [N, BH, K, K]
     writes = k_to_end @ U.transpose(0, 1)                                          # [N, BH, K, V]
 
-    # 5. Sequential scan over chunks: one [K, K] @ [K, V] product each.
+    # 5. Sequential scan over chunks: one [K, K] @ [K, V] product each. unbind, not indexing:
+    #    the backward of each index op would zero-fill and add a full [N, ...] buffer.
     S = q.new_zeros(BH, K, V) if initial_state is None else initial_state.to(acc).reshape(BH, K, V)
     states = []
-    for n in range(N):
+    for transition_n, writes_n in zip(transition.unbind(0), writes.unbind(0)):
         states.append(S)
-        S = torch.baddbmm(writes[n], transition[n], S)
+        S = torch.baddbmm(writes_n, transition_n, S)
     chunk_states = torch.stack(states, dim=1)                                      # [BH, N, K, V]
 
     # 6. Add the contribution of the chunk-start state and undo the padding.
