@@ -402,6 +402,7 @@ def test_probe_command_writes_report(checkpoint_dir, tmp_path, capsys):
     ("missing checkpoint", "checkpoint path not found"),
     ("short text", "more than one memory block"),
     ("unknown needle characters", "never saw"),
+    ("invalid training context", "invalid --train-context"),
 ])
 def test_probe_command_bad_input(checkpoint_dir, tmp_path, capsys, case, message):
     """Guards one clear error line (exit 1) for each kind of bad input."""
@@ -409,7 +410,8 @@ def test_probe_command_bad_input(checkpoint_dir, tmp_path, capsys, case, message
     text.write_text("To be" if case == "short text" else "To be, or not to be. " * 20,
                     encoding="utf-8")
     checkpoint = tmp_path / "missing" if case == "missing checkpoint" else checkpoint_dir
-    extra = ["--needle-query", "東京"] if case == "unknown needle characters" else []
+    extra = {"unknown needle characters": ["--needle-query", "東京"],
+             "invalid training context": ["--train-context", "-5"]}.get(case, [])
     code = main(["-q", "probe", str(checkpoint), "--text", str(text), "--out", str(tmp_path / "out"), *extra])
     assert code == 1
     assert message in capsys.readouterr().err

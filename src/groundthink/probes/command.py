@@ -64,6 +64,9 @@ def run_probe_command(args: argparse.Namespace) -> int:
         raise ProbeInputError(f"text file not found: {args.text}; pass --text a UTF-8 text file")
     if args.max_tokens < 0:
         raise ProbeInputError(f"invalid --max-tokens {args.max_tokens}: pass 0 (all tokens) or a positive count")
+    if args.train_context is not None and args.train_context < 1:
+        raise ProbeInputError(f"invalid --train-context {args.train_context}: pass the training sequence length "
+                              "in tokens (at least 1)")
     if args.num_threads < 0:
         raise ProbeInputError(f"invalid --num-threads {args.num_threads}: pass 0 (PyTorch's default) or a "
                               "positive count")
