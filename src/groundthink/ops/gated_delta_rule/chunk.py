@@ -106,45 +106,50 @@ def chunk_gated_delta_rule(
         q, k = l2norm(q), l2norm(k)
     q = q * scale
 
-    # Heads first and merged with the batch, then pad T up to N * C. Padded tokens have
-    # k = v = beta = g = 0, so they neither write to nor decay the state.
+    # Chunk-major layout [N, B*H, C, *]: batched products fold the leading dims without
+    # copies, and the scan reads contiguous [B*H, ...] slices. T is padded up to N * C with
+    # k = v = beta = g = 0, so padded tokens neither write to nor decay the state.
     N = -(-T // C)
     pad = N * C - T
     BH = B * H
-    q, k, v = (F.pad(x.transpose(1, 2), (0, 0, 0, pad)).reshape(BH, N, C, -1) for x in (q, k, v))
-    g, beta = (F.pad(x.transpose(1, 2), (0, pad)).reshape(BH, N, C) for x in (g, beta))
+
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))                            # pad T (dim 1)
+        x = x.view(B, N, C, H, *x.shape[3:]).transpose(2, 3).transpose(0, 1)       # [N, B, H, C, ...]
+        return x.reshape(N, BH, C, *x.shape[4:])
+
+    q, k, v = to_chunks(q), to_chunks(k), to_chunks(v)                             # [N, BH, C, K|V]
+    g, beta = to_chunks(g), to_chunks(beta)                                        # [N, BH, C]
 
     # 1. Decays inside each chunk: to each token from the chunk start (inclusive),
     #    from each token to the chunk end (exclusive), and between token pairs.
-    decay_from_start = g.cumsum(-1).exp()                                          # [BH, N, C]
+    decay_from_start = g.cumsum(-1).exp()                                          # [N, BH, C]
     g_after = F.pad(g[..., 1:], (0, 1))
-    decay_to_end = g_after.flip(-1).cumsum(-1).flip(-1).exp()                      # [BH, N, C]
-    decay_pairs = _segment_sums(g).exp()                                           # [BH, N, C, C], 0 above
-    decay_chunk = decay_from_start[..., -1]                                        # [BH, N]
+    decay_to_end = g_after.flip(-1).cumsum(-1).flip(-1).exp()                      # [N, BH, C]
+    decay_pairs = _segment_sums(g).exp()                                           # [N, BH, C, C], 0 above
+    decay_chunk = decay_from_start[..., -1]                                        # [N, BH]
 
     # 2. WY representation: with A[i, j] = beta_i (k_i . k_j) decay(j -> i) for j < i, the
     #    writes of chunk n are U - W S_n, where U = (I + A)^-1 beta v and
     #    W = (I + A)^-1 beta decay_from_start k. The inverse reads only the strictly lower
-    #    part of A, so its diagonal need not be cleared.
-    k_beta = k * beta[..., None]
-    A = k_beta @ k.transpose(-1, -2) * decay_pairs                                 # [BH, N, C, C]
-    inverse = _unit_lower_inverse(A)                                               # [BH, N, C, C]
-    U = inverse @ (v * beta[..., None])                                            # [BH, N, C, V]
-    W = inverse @ (k_beta * decay_from_start[..., None])                           # [BH, N, C, K]
+    #    part of A, so its diagonal need not be cleared. Row and column scalings act on the
+    #    [C, C] matrices rather than on k and v.
+    A = (k @ k.transpose(-1, -2)) * (beta[..., None] * decay_pairs)               # [N, BH, C, C]
+    inverse = _unit_lower_inverse(A)                                               # [N, BH, C, C]
+    U = (inverse * beta[..., None, :]) @ v                                         # [N, BH, C, V]
+    W = (inverse * (beta * decay_from_start)[..., None, :]) @ k                    # [N, BH, C, K]
 
     # 3. Output terms that do not depend on the chunk-start state S_n:
     #    o = P U + (q decay_from_start - P W) S_n, with P the causal decayed q.k scores.
-    P = q @ k.transpose(-1, -2) * decay_pairs                                      # [BH, N, C, C]
-    o_intra = P @ U                                                                # [BH, N, C, V]
-    q_state = torch.baddbmm((q * decay_from_start[..., None]).flatten(0, 1), P.flatten(0, 1),
-                            W.flatten(0, 1), alpha=-1.0)                           # [BH*N, C, K]
+    P = (q @ k.transpose(-1, -2)) * decay_pairs                                    # [N, BH, C, C]
+    o_intra = P @ U                                                                # [N, BH, C, V]
+    q_state = q * decay_from_start[..., None] - P @ W                              # [N, BH, C, K]
 
-    # 4. Chunk-to-chunk recurrence S_{n+1} = transition_n S_n + writes_n, chunk-major so that
-    #    each step reads contiguous [BH, K, *] slices.
-    k_to_end = (k * decay_to_end[..., None]).transpose(1, 0).transpose(-1, -2)     # [N, BH, K, C]
+    # 4. Chunk-to-chunk recurrence S_{n+1} = transition_n S_n + writes_n.
+    k_to_end = (k * decay_to_end[..., None]).transpose(-1, -2)                     # [N, BH, K, C]
     eye_k = torch.eye(K, dtype=acc, device=q.device)
-    transition = decay_chunk.t()[..., None, None] * eye_k - k_to_end @ W.transpose(0, 1)   # [N, BH, K, K]
-    writes = k_to_end @ U.transpose(0, 1)                                          # [N, BH, K, V]
+    transition = decay_chunk[..., None, None] * eye_k - k_to_end @ W               # [N, BH, K, K]
+    writes = k_to_end @ U                                                          # [N, BH, K, V]
 
     # 5. Sequential scan over chunks: one [K, K] @ [K, V] product each. unbind, not indexing:
     #    the backward of each index op would zero-fill and add a full [N, ...] buffer.
@@ -153,15 +158,13 @@ def chunk_gated_delta_rule(
     for transition_n, writes_n in zip(transition.unbind(0), writes.unbind(0)):
         states.append(S)
         S = torch.baddbmm(writes_n, transition_n, S)
-    chunk_states = torch.stack(states, dim=1)                                      # [BH, N, K, V]
+    chunk_states = torch.stack(states)                                             # [N, BH, K, V]
 
-    # 6. Add the contribution of the chunk-start state and undo the padding.
-    o = torch.baddbmm(o_intra.flatten(0, 1), q_state, chunk_states.flatten(0, 1))  # [BH*N, C, V]
-    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).to(out_dtype)          # [B, T, H, V]
+    # 6. Add the contribution of the chunk-start state, then restore [B, T, H, V].
+    o = o_intra + q_state @ chunk_states                                           # [N, BH, C, V]
+    o = o.view(N, B, H, C, V).permute(1, 0, 3, 2, 4).reshape(B, N * C, H, V)[:, :T].to(out_dtype)
 
-    S = S.reshape(B, H, K, V)
-    chunk_states = chunk_states.reshape(B, H, N, K, V)
-    final_state = S if output_final_state else None
+    final_state = S.view(B, H, K, V) if output_final_state else None
     if output_chunk_states:
-        return o, final_state, chunk_states.transpose(1, 2)                        # [B, N, H, K, V]
+        return o, final_state, chunk_states.view(N, B, H, K, V).transpose(0, 1)    # [B, N, H, K, V]
     return o, final_state
