@@ -46,7 +46,7 @@ class GroundThinkConfig:
     """Memory block M in tokens: position t reads the GDN memory as it stood at
     floor(t / M) * M. Must satisfy M <= W and be a multiple of chunk_size."""
     state_accumulation: str = "weighted"
-    """How SWA layers combine the memories of the GDN layers below them:
+    """Rule that combines the memories of the GDN layers below an SWA layer:
     replace (latest GDN layer), mean, or weighted (learned running mix)."""
     state_weight_new: float = 0.5
     """Initial weight w of a new GDN layer's memory in the weighted mix, in (0, 1)."""

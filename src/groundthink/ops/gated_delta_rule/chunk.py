@@ -1,7 +1,8 @@
 """Chunked gated delta rule (WY representation) in plain PyTorch.
 
 The sequence is cut into chunks of C tokens. Inside a chunk the delta-rule
-corrections are solved in closed form with one unit-lower-triangular solve;
+corrections are solved in closed form with the inverse of one unit lower-triangular
+[C, C] matrix;
 between chunks the state follows a linear recurrence
 S_{n+1} = P_n S_n + R_n with a [K, K] transition P_n, so the only sequential
 loop is one [K, K] @ [K, V] product per chunk. Derivation: docs/chunked-gated-delta.md.
@@ -86,9 +87,9 @@ def chunk_gated_delta_rule(
         output_chunk_states: also return the state at the start of every chunk.
 
     Returns:
-        (o, final_state) or, with output_chunk_states, (o, final_state, chunk_states):
-        o [B, T, H, V] in the dtype of v; final_state [B, H, K, V] or None;
-        chunk_states [B, ceil(T / C), H, K, V] where chunk_states[:, n] is the state
+        (o, final_state), or (o, final_state, chunk_states) with output_chunk_states.
+        o is [B, T, H, V] in the dtype of v, and final_state is [B, H, K, V] or None.
+        chunk_states is [B, ceil(T / C), H, K, V]: chunk_states[:, n] is the state
         before token n * C. States are in the accumulation dtype (float32, or
         float64 for float64 inputs).
     """
