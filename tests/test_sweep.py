@@ -154,7 +154,7 @@ def test_results_table_lists_changes():
               "steps": 10, "seconds": 1.2}
     table = results_table([record])
     assert "| expand_v |" in table
-    assert "| 3 | 2.0000 | 0 | 1,000 | 64 | 0.5000 | 1.2500 | 0.2000 | 12.0 | 10 | 1 |" in table
+    assert "| 3 | 2.0 | 0 | 1,000 | 64 | 0.5000 | 1.2500 | 0.2000 | 12.0 | 10 | 1 |" in table
     with pytest.raises(ConfigError, match="not a sweep folder"):
         collect_results("/nonexistent/sweep")
 

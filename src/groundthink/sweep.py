@@ -211,7 +211,7 @@ def _json(value: Any) -> Any:
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(_json(data), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(_json(data), indent=2) + "\n")
 
 
 def prepare_out_dir(out_dir: Path, spec: SweepSpec) -> None:
@@ -432,9 +432,10 @@ def _cell(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def results_table(records: list[dict[str, Any]]) -> str:
-    """Markdown table of the finished points."""
-    keys = list(records[0]["changes"]) if records else []
+def results_table(records: list[dict[str, Any]], keys: list[str] | None = None) -> str:
+    """Markdown table of the finished points, one column per grid key (in `keys` order)."""
+    if keys is None:
+        keys = list(records[0]["changes"]) if records else []
     with_niah = any(r.get("niah", {}).get("accuracy") is not None for r in records)
     headers = ["point", *keys, "seed", "params", "state floats", "MQAR acc", "val loss",
                *(["NIAH acc"] if with_niah else []), "focus", "half-life", "steps", "seconds"]
@@ -446,6 +447,7 @@ def results_table(records: list[dict[str, Any]]) -> str:
                r.get("mqar_accuracy"), r.get("val_loss"), *niah, probes.get("focus_ratio"),
                probes.get("half_life_median"), r.get("steps"), round(r.get("seconds", 0.0))]
         cells = [_cell(v, 1) if k == "half-life" else _cell(v) for k, v in zip(headers, row)]
+        cells[1:1 + len(keys)] = [str(r["changes"].get(k)) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -504,7 +506,8 @@ def write_report(out_dir: str | Path) -> list[dict[str, Any]]:
         expected = math.prod(len(values) for _, values in spec["grid"]) * len(spec["seeds"])
     write_json(out_dir / "results.json", {"sweep": spec, "points": records})
     done = f"{len(records)} of {expected} points done" if expected else f"{len(records)} points"
-    atomic_write_text(out_dir / "results.md", f"# Sweep results\n\n{done}.\n\n{results_table(records)}\n")
+    keys = [key for key, _ in spec["grid"]] if spec is not None else None
+    atomic_write_text(out_dir / "results.md", f"# Sweep results\n\n{done}.\n\n{results_table(records, keys)}\n")
     if records:
         plot_results(records, out_dir)
     return records
@@ -595,8 +598,8 @@ def run_sweep_command(args) -> int:
 
         torch.set_num_threads(args.threads)
     if args.report:
-        records = write_report(args.out)
-        print(results_table(records))
+        write_report(args.out)
+        print((args.out / "results.md").read_text(encoding="utf-8"))
         return 0
     spec = _spec_from_args(args)
     only = None
@@ -611,7 +614,7 @@ def run_sweep_command(args) -> int:
             print(f"{point.index:4d}  {'done' if done else 'todo'}  seed {point.seed}  {point.label}")
         return 0
     run_sweep(spec, args.out, only=only, shard=args.shard)
-    records = write_report(args.out)
-    print(results_table(records))
+    write_report(args.out)
+    print((args.out / "results.md").read_text(encoding="utf-8"))
     print(f"\nresults: {args.out / 'results.md'}, plots: recall_vs_state.png, loss_vs_params.png in {args.out}")
     return 0
