@@ -39,10 +39,11 @@ def grads(fn, inputs, loss_weights):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("chunk_size", [16, 64])
-@pytest.mark.parametrize("T", [1, 7, 63, 64, 65, 200])
+@pytest.mark.parametrize("T", [1, 7, 63, 64, 65, 200, 300])
 @pytest.mark.parametrize("initial", [False, True])
 def test_chunk_matches_recurrent(dtype, chunk_size, T, initial):
-    """Guards the WY solve, the padding of the last chunk and the chunk-state scan."""
+    """Guards the WY solve, the padding of the last chunk and both chunk-state scans
+    (T = 300 with C = 16 gives 19 chunks, past the grouped-scan threshold of 16)."""
     B, H, K, V = 2, 3, 8, 12
     q, k, v, g, beta, S0 = make_inputs(B, T, H, K, V, dtype=dtype, requires_grad=True, initial=initial)
     inputs = (q, k, v, g, beta, S0)
