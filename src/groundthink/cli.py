@@ -158,7 +158,11 @@ def _suite_ppl(args: argparse.Namespace, model, tokenizer, extra: dict[str, Any]
 
     from groundthink.train import evaluate_tokens
 
-    data_config = DataConfig(**extra["run_config"]["data"])
+    data_section = extra["run_config"].get("data")
+    if data_section is None and args.data is None:
+        raise DataError(f"{extra['path']} was not trained on text (its config has no [data] section); "
+                        "pass the text to score with --data FILE")
+    data_config = DataConfig(**(data_section or {}))
     if args.data is not None:
         splits = read_text_source(args.data, data_config.val_fraction)
     else:
@@ -183,7 +187,7 @@ def _suite_ppl(args: argparse.Namespace, model, tokenizer, extra: dict[str, Any]
     n_chars = len(text) - len(first)
     n_bytes = len(text.encode("utf-8", errors="surrogatepass")) - len(first.encode("utf-8", errors="surrogatepass"))
     loss = total_nats / n_predicted
-    out = {"data": args.data or extra["run_config"]["data"]["path"] or "default corpus", "split": args.split,
+    out = {"data": args.data or data_config.path or "default corpus", "split": args.split,
            "tokenizer": tokenizer.kind, "tokens": int(n_predicted), "chars": n_chars, "bytes": n_bytes,
            "loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_token": loss / math.log(2),
            "bits_per_char": total_nats / math.log(2) / max(n_chars, 1),
