@@ -20,7 +20,7 @@ from groundthink.evals.mqar import (IGNORE_INDEX, MQAROptions, MQARTask, accurac
                                     generate_mqar, query_correct)
 from groundthink.evals.niah import NIAHOptions, build_prompt
 from groundthink.evals.text import NAMES, OBJECTS
-from groundthink.evals.training import TaskTraining, train_mqar
+from groundthink.evals.training import Mixture, TaskTraining, train_mqar
 from groundthink.ops import recurrent_gated_delta_rule
 from groundthink.tokenizer import CharTokenizer
 
@@ -206,6 +206,26 @@ def test_mqar_training_loop_learns_and_repeats():
     assert histories[0].train_loss == histories[1].train_loss
     assert histories[0].eval_accuracy == histories[1].eval_accuracy
     assert histories[0].train_loss[-1] < math.log(32)
+
+
+def test_mixture_curriculum_and_budget():
+    """A task with start f is never drawn before f; the budgeted schedule is the longest that fits."""
+    def task(T, N):
+        return MQARTask(vocab_size=128, seq_len=T, num_pairs=N)
+
+    mixture = Mixture([(task(32, 4), 3.0), (task(64, 8), 1.0, 0.0), (task(128, 16), 2.0, 0.5)], task(128, 16))
+    assert mixture.probabilities(0.49).tolist() == [0.75, 0.25, 0.0]
+    assert mixture.probabilities(0.5).tolist() == [0.5, 1 / 6, 1 / 3]
+    n = mixture.steps_within(50_000, max_steps=100_000)
+
+    def cost(steps):
+        return sum(mixture.expected_tokens(i / steps) for i in range(steps))
+
+    assert cost(n) <= 50_000 < cost(n + 1)
+    with pytest.raises(EvalError, match="start at 0"):
+        Mixture([(task(32, 4), 1.0, 0.5)], task(32, 4))
+    with pytest.raises(EvalError, match="vocab_size"):
+        Mixture([(MQARTask(vocab_size=64, seq_len=32, num_pairs=4), 1.0)], task(32, 4))
 
 
 # ---------------------------------------------------------------------------------------------

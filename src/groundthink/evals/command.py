@@ -92,13 +92,16 @@ def add_mqar_train_arguments(parser) -> None:
                              "(no data files; [model] and [train] of the config apply, [data] is ignored)")
     parser.add_argument("--mqar", dest="mqar_options", action="append", default=[], metavar="KEY=VALUE",
                         help="MQAR setting for --task mqar: vocab_size, seq_len, num_pairs, power_a, "
-                             "random_non_queries, or mixture=T:N:WEIGHT,... ('zoology' for Zoology's training "
-                             "set, 'none' for the target task only; default zoology), e.g. --mqar num_pairs=32 "
-                             "(repeatable)")
+                             "random_non_queries, or mixture=T:N:WEIGHT[:START],... where START is the fraction "
+                             "of updates before that task enters ('zoology' for Zoology's training set, 'none' for "
+                             "the target task only; default zoology), e.g. --mqar num_pairs=32 (repeatable)")
 
 
 def parse_mixture(text: str, vocab_size: int):
-    """[(task, weight)] from "T:N:WEIGHT,...", "zoology" (Zoology's training set) or "none"."""
+    """[(task, weight, start)] from "T:N:WEIGHT[:START],...", "zoology" (Zoology's training set) or "none".
+
+    START is the fraction of the planned updates after which the task enters (default 0).
+    """
     from .mqar import MQARTask
     from .training import ZOOLOGY_MIXTURE
 
@@ -108,10 +111,14 @@ def parse_mixture(text: str, vocab_size: int):
     for item in (ZOOLOGY_MIXTURE if text == "zoology" else text).split(","):
         parts = item.split(":")
         try:
+            if len(parts) not in (3, 4):
+                raise ValueError
             seq_len, num_pairs, weight = int(parts[0]), int(parts[1]), float(parts[2])
-        except (ValueError, IndexError):
-            raise ConfigError(f"invalid mixture item {item!r}: use T:N:WEIGHT, e.g. 64:4:5") from None
-        mixture.append((MQARTask(vocab_size=vocab_size, seq_len=seq_len, num_pairs=num_pairs), weight))
+            start = float(parts[3]) if len(parts) == 4 else 0.0
+        except ValueError:
+            raise ConfigError(f"invalid mixture item {item!r}: use T:N:WEIGHT or T:N:WEIGHT:START, "
+                              "e.g. 64:4:5 or 256:32:1:0.3") from None
+        mixture.append((MQARTask(vocab_size=vocab_size, seq_len=seq_len, num_pairs=num_pairs), weight, start))
     return mixture
 
 
@@ -125,7 +132,7 @@ def mqar_task_from_options(items: list[str]):
     try:
         task = parse_options(MQARTask, [f"{k}={v}" for k, v in values.items()])
         mixture = parse_mixture(mixture_text, task.vocab_size)
-        for t, _ in mixture:
+        for t, *_ in mixture:
             t.validate()
     except EvalError as err:
         raise ConfigError(str(err)) from None
@@ -164,8 +171,8 @@ def run_mqar_train_command(args, run) -> int:
     config = dataclasses.replace(run.model, vocab_size=task.vocab_size)
     torch.manual_seed(cfg.seed)
     model = GroundThinkLM(config).to(device)
-    log.info("MQAR task %s, mixture %s", dataclasses.asdict(task),
-             [(t.seq_len, t.num_pairs, w) for t, w in mixture] or "none")
+    log.info("MQAR task %s, mixture (T, N, weight, start) %s", dataclasses.asdict(task),
+             [(t.seq_len, t.num_pairs, w, s) for t, w, s in mixture] or "none")
     log.info("model %s: %s parameters on %s", config.layer_pattern, f"{model.num_parameters():,}", device)
 
     start = time.perf_counter()
@@ -175,7 +182,7 @@ def run_mqar_train_command(args, run) -> int:
 
     run_config = {"model": config.to_dict(), "train": dataclasses.asdict(cfg),
                   "mqar": {"task": dataclasses.asdict(task),
-                           "mixture": [[dataclasses.asdict(t), w] for t, w in mixture],
+                           "mixture": [[dataclasses.asdict(t), w, s] for t, w, s in mixture],
                            "history": history.to_dict(), "accuracy": result["accuracy"]}}
     # MQAR ids have no text; the checkpoint format needs a tokenizer, so it stores one with only <unk>.
     folder = save_checkpoint(args.out, model=model, tokenizer=CharTokenizer([]), run_config=run_config,

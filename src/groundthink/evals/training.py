@@ -121,29 +121,75 @@ def learning_rate(settings: TaskTraining, step: int, total_steps: int) -> float:
     return settings.min_lr + (settings.lr - settings.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class Mixture:
+    """Training tasks drawn per update with probability proportional to their weights.
+
+    A task with start fraction f enters once f of the planned updates are done, so short, easy
+    tasks can come first (a curriculum).
+    """
+
+    def __init__(self, items: Sequence[tuple], target: MQARTask):
+        self.tasks, weights, starts = [], [], []
+        for item in items or [(target, 1.0)]:
+            task, weight, start = (*item, 0.0) if len(item) == 2 else item
+            task.validate()
+            if task.vocab_size != target.vocab_size:
+                raise EvalError(f"mixture task vocab_size={task.vocab_size} differs from the evaluation task's "
+                                f"{target.vocab_size}; every task must use the model's vocabulary")
+            if not weight > 0:
+                raise EvalError(f"invalid mixture weight {weight!r}: every weight must be positive")
+            if not 0.0 <= start < 1.0:
+                raise EvalError(f"invalid mixture start {start!r}: must lie in [0, 1), the fraction of updates "
+                                "done before the task enters")
+            self.tasks.append(task)
+            weights.append(float(weight))
+            starts.append(float(start))
+        self.weights, self.starts = np.array(weights), np.array(starts)
+        if not (self.starts == 0).any():
+            raise EvalError(f"invalid mixture starts {starts}: at least one task must start at 0")
+
+    def probabilities(self, progress: float) -> np.ndarray:
+        active = np.where(self.starts <= progress, self.weights, 0.0)
+        return active / active.sum()
+
+    def expected_tokens(self, progress: float) -> float:
+        return float(self.probabilities(progress) @ np.array([t.seq_len for t in self.tasks]))
+
+    def steps_within(self, token_budget: float, max_steps: int) -> int:
+        """The most updates n <= max_steps whose expected tokens, summed over the schedule, fit the budget."""
+        boundaries = sorted(set(self.starts.tolist())) + [1.0]
+
+        def cost(n: int) -> float:
+            # Updates i with i / n in [a, b) number ceil(b n) - ceil(a n); the expected tokens are
+            # constant between two start fractions.
+            return sum((math.ceil(b * n) - math.ceil(a * n)) * self.expected_tokens(a)
+                       for a, b in zip(boundaries[:-1], boundaries[1:]))
+
+        low, high = 1, max_steps
+        while low < high:
+            mid = (low + high + 1) // 2
+            if cost(mid) <= token_budget:
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
+
 def train_mqar(model: nn.Module, task: MQARTask, settings: TaskTraining,
                on_eval: Callable[[int, float, float], None] | None = None,
-               mixture: Sequence[tuple[MQARTask, float]] = ()) -> TaskHistory:
+               mixture: Sequence[tuple] = ()) -> TaskHistory:
     """Train `model` in place on MQAR batches and evaluate it on `task`; returns the history.
 
-    Without a mixture every batch is drawn from `task`. With `mixture` [(task, weight), ...],
-    each update draws its whole batch from one task picked with probability proportional to
-    its weight, as Zoology trains on several (T, N) settings at once. Loss and accuracy count
+    Without a mixture every batch is drawn from `task`. With `mixture` [(task, weight) or
+    (task, weight, start), ...], each update draws its whole batch from one task picked with
+    probability proportional to its weight among the tasks whose start fraction has been
+    reached, as Zoology trains on several (T, N) settings at once. Loss and accuracy count
     query positions only. `on_eval(step, train_loss, accuracy)` is called after every
     evaluation (for logging or checkpoints).
     """
     task.validate()
     settings.validate()
-    train_tasks = [t for t, _ in mixture] or [task]
-    weights = np.array([w for _, w in mixture] or [1.0], dtype=np.float64)
-    for t in train_tasks:
-        t.validate()
-        if t.vocab_size != task.vocab_size:
-            raise EvalError(f"mixture task vocab_size={t.vocab_size} differs from the evaluation task's "
-                            f"{task.vocab_size}; every task must use the model's vocabulary")
-    if not (weights > 0).all():
-        raise EvalError(f"invalid mixture weights {weights.tolist()}: every weight must be positive")
-    weights = weights / weights.sum()
+    tasks = Mixture(mixture, task)
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.lr,
                                   betas=(settings.beta1, settings.beta2))
@@ -153,6 +199,7 @@ def train_mqar(model: nn.Module, task: MQARTask, settings: TaskTraining,
     start, budget_start = time.perf_counter(), clock()
     total_steps = settings.max_steps
     recent_losses: list[float] = []
+    tokens_done = 0
 
     step = 0
     while step < total_steps:
@@ -163,8 +210,10 @@ def train_mqar(model: nn.Module, task: MQARTask, settings: TaskTraining,
 
         # Forward and backward on a fresh batch; loss on query positions only.
         model.train()
-        chosen = np.random.default_rng([settings.seed, MIXTURE_STREAM, step]).choice(len(train_tasks), p=weights)
-        batch = generate_mqar(train_tasks[chosen], settings.batch_size, seed=[settings.seed, TRAIN_STREAM, step])
+        rng = np.random.default_rng([settings.seed, MIXTURE_STREAM, step])
+        chosen = tasks.tasks[rng.choice(len(tasks.tasks), p=tasks.probabilities(step / total_steps))]
+        batch = generate_mqar(chosen, settings.batch_size, seed=[settings.seed, TRAIN_STREAM, step])
+        tokens_done += chosen.seq_len
         out = model(batch.inputs.to(device), labels=batch.labels.to(device))
         loss = out.loss
         if not torch.isfinite(loss):
@@ -179,12 +228,14 @@ def train_mqar(model: nn.Module, task: MQARTask, settings: TaskTraining,
         step += 1
         elapsed = clock() - budget_start
 
-        # Under a time budget, shrink the schedule to the updates that fit.
+        # Under a time budget, shrink the schedule to the updates that fit, taking an update's cost
+        # as proportional to its sequence length (an estimate: attention grows faster than T).
         if settings.time_budget_s and step == settings.calibration_steps:
-            fitting = int(settings.time_budget_s / (elapsed / step) * 0.95)
-            total_steps = max(step, min(settings.max_steps, fitting))
+            seconds_per_token = elapsed / tokens_done
+            fitting = tasks.steps_within(0.95 * settings.time_budget_s / seconds_per_token, settings.max_steps)
+            total_steps = max(step, fitting)
             history.planned_steps = total_steps
-            log.info("time budget %.0f s (%s clock): %.3f s per update, schedule set to %d updates",
+            log.info("time budget %.0f s (%s clock): %.3f s per update so far, schedule set to %d updates",
                      settings.time_budget_s, settings.budget_clock, elapsed / step, total_steps)
 
         # Evaluate on the fixed evaluation set; stop at the target accuracy or the time limit.
