@@ -209,41 +209,59 @@ def _block_saved(t: Tally, s: _Sizes) -> None:
 def _gdn_kernel_saved(t: Tally, s: _Sizes, short_conv: bool) -> None:
     """Tensors saved by chunk_gated_delta_rule (PyTorch, float32 accumulation).
 
-    Per chunk of C tokens over BH = B * H sequences; Tp = N * C is T padded to whole chunks.
+    The kernel works chunk-major on [N, B * H, C, *]; rows = B * H * N * C counts the padded
+    tokens. Only tensors that the loss reaches are counted: the step that produces the final
+    state S_N, and any branch that feeds only it, is freed after the forward pass.
     """
     BH = s.B * s.H
     rows = BH * s.Tp
-    t.add("kernel [C, C] per chunk (decays, k.k, A, inverse, q.k, P)", 6 * rows * s.C, FLOAT32)
-    t.add("kernel v, v*beta, U", 3 * rows * s.V, FLOAT32)
+    state = BH * s.K * s.V
+    t.add("kernel [C, C] per chunk (decays, k.k, beta*decays, A, inverse, beta-scaled inverses, q.k, P)",
+          8 * rows * s.C, FLOAT32)
+    t.add("kernel v, U", 2 * rows * s.V, FLOAT32)
+    t.add("kernel masks", 2 * s.C * s.C, 1)
+
+    # The unit-lower-triangular inverse doubles its diagonal blocks from 1 x 1 to C x C (C padded
+    # to a power of two, `size`). Level s keeps its s x s block inverses (s floats per row) and
+    # a copy of A's off-diagonal blocks with their product (s / 2 each). The last level reads A
+    # itself (size per row) instead of a copy, and level 1 keeps its all-ones start.
+    size = 1 << max(s.C - 1, 0).bit_length()
+    padded_rows = BH * s.N * size
+    if size == 2:
+        t.add("kernel block inverse levels", padded_rows, FLOAT32)
+    elif size >= 4:
+        t.add("kernel block inverse levels", padded_rows * (11 * size // 4 - 3), FLOAT32)
+
     if s.N == 1:
         # One chunk from a zero state: the chunk state carries no gradient, so the state
-        # branch (transitions, writes, q_state) is not kept.
-        t.add("kernel decay from start, beta", 2 * rows, FLOAT32)
-        t.add("kernel q, k, k*beta, W input, W", 5 * rows * s.K, FLOAT32)
-        t.add("kernel chunk states", BH * s.K * s.V, FLOAT32)
-        t.add("kernel masks", 2 * s.C * s.C, 1)
-        if short_conv and s.Tp == s.T:
-            # Unpadded inputs keep the convolution's layout: matmul saves a copy of k.
-            t.add("kernel copy of k and one decay row", rows * (s.K + 1), FLOAT32)
+        # branch (decay to end, writes, transitions, q_state) is not kept.
+        t.add("kernel decay from start, beta, beta * decay", 3 * rows, FLOAT32)
+        t.add("kernel q, k, W", 3 * rows * s.K, FLOAT32)
+        t.add("kernel chunk states", state, FLOAT32)
         return
 
-    t.add("kernel decays (from start, to end), beta", 3 * rows, FLOAT32)
-    t.add("kernel q, k, k*beta, W input, W, q_state", 6 * rows * s.K, FLOAT32)
-    if short_conv and s.Tp == s.T:
-        # Without padding, q and k keep the convolution's transposed layout, so matmul saves
-        # contiguous copies of q, k (twice) and k*beta.
-        t.add("kernel copies of q, k, k*beta", 4 * rows * s.K, FLOAT32)
-    # With several sequences, matmul copies the chunk-major views k_to_end (twice), W and U into
-    # contiguous batches and saves the copies. With one sequence it saves views of k * decay_to_end.
-    if BH > 1:
-        t.add("kernel chunk-major copies of k_to_end, W, U", rows * (3 * s.K + s.V), FLOAT32)
-    else:
-        t.add("kernel k * decay_to_end", rows * s.K, FLOAT32)
-    t.add("kernel transitions [K, K] per chunk", BH * s.N * s.K * s.K, FLOAT32)
-    # The scan saves S_0 .. S_{N-2} (S_{N-1} only feeds the final state, which the loss does
-    # not reach) and the stacked chunk states.
-    t.add("kernel chunk states (scan inputs and stacked)", (2 * s.N - 1) * BH * s.K * s.V, FLOAT32)
-    t.add("kernel masks and identity", 2 * s.C * s.C + 4 * s.K * s.K, 1)
+    t.add("kernel decays (from start, to end), beta, beta * decay", 4 * rows, FLOAT32)
+    t.add("kernel q, k, W, q_state, k * decay_to_end", 5 * rows * s.K, FLOAT32)
+    if short_conv:
+        # The convolution leaves q and k in a transposed (channels-last) layout that the
+        # chunking keeps. Every matmul on them therefore saves a contiguous copy: one of q, two
+        # of k and two of k^T, and two of k * decay_to_end in place of the tensor itself.
+        t.add("kernel matmul copies of q, k and k * decay_to_end", 6 * rows * s.K, FLOAT32)
+    if s.N <= 16:
+        # Sequential scan: S_0 .. S_{N-2} and the transitions feed states the loss reaches
+        # (the transitions only from N = 3 on, since transition 0 multiplies the zero S_0).
+        t.add("kernel scan states and stacked chunk states", (2 * s.N - 1) * state, FLOAT32)
+        if s.N >= 3:
+            t.add("kernel transitions [K, K] and identity", s.N * BH * s.K * s.K * FLOAT32 + s.K * s.K * FLOAT32, 1)
+        return
+
+    # Grouped scan over about sqrt(N) groups of G chunks: regrouped transitions, running
+    # products (listed and stacked), states from a zero start inside groups, group-start states
+    # (listed and stacked) and the chunk states.
+    G = math.isqrt(s.N - 1) + 1
+    n_groups = -(-s.N // G)
+    t.add("kernel grouped-scan transitions and products", 3 * G * n_groups * BH * s.K * s.K, FLOAT32)
+    t.add("kernel grouped-scan states", (G * n_groups + 2 * n_groups + s.N) * state, FLOAT32)
 
 
 def gdn_saved(config: GroundThinkConfig, s: _Sizes) -> Tally:
@@ -519,9 +537,9 @@ def _step_peaks(config: GroundThinkConfig, budget: Budget, batch: int) -> dict[s
     after_backward = weights + grads + adamw + max(embedding_temporaries, optimizer_temporaries)
     activations = activation_bytes(config, batch, budget.seq_len)["total"]
     checkpointed = checkpointed_activation_bytes(config, batch, budget.seq_len)
-    # With checkpointing, the start of backward holds the block inputs, the head and the loss
-    # gradients; a recomputed block later adds its own tensors while gradients accumulate (all
-    # P counted, an upper bound).
+    # With checkpointing, the start of backward keeps the block inputs, the head and the loss
+    # gradients. Later, a recomputed block adds its own tensors while gradients accumulate,
+    # counted as all P gradients (an upper bound).
     start = checkpointed["blocks"] + checkpointed["head"] + logits_grads
     recompute = checkpointed["blocks"] + checkpointed["recomputed_block"] + grads
     return {"peak": max(weights + adamw + activations + logits_grads, after_backward),
