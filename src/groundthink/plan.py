@@ -781,6 +781,9 @@ def format_plan(report: dict[str, Any]) -> str:
                  f"AdamW state {format_bytes(t['adamw'])}")
     by_type = ", ".join(f"{k} {format_bytes(v)}" for k, v in t["activations_by_layer_type"].items())
     lines.append(f"  activations {format_bytes(t['activations'])} ({by_type})")
+    if t["dtype"] != "fp32" or t["device"] == "cuda":
+        lines.append("  (activations counted as the float32 PyTorch code paths save them: an upper bound under "
+                     "bf16 autocast and with fused CUDA kernels)")
     lines.append(f"  activations with checkpointing {format_bytes(t['activations_checkpointed'])}")
     lines.append(f"  peak {format_bytes(t['peak'])}; with activation checkpointing {format_bytes(t['peak_checkpointed'])}")
     if t["memory"] is not None:
