@@ -135,7 +135,8 @@ def test_sweep_command_report_merges_points(tmp_path, capsys):
     capsys.readouterr()
     assert main(["sweep", "--out", str(tmp_path), "--report"]) == 0
     out = capsys.readouterr().out
-    assert "GGSS" in out and "GSGS" in out
+    assert "GGSS" in out
+    assert "GSGS" in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert [p["index"] for p in results["points"]] == [0, 1]
     assert (tmp_path / "recall_vs_state.png").stat().st_size > 0

@@ -219,15 +219,15 @@ def prepare_out_dir(out_dir: Path, spec: SweepSpec) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / POINTS_DIR).mkdir(exist_ok=True)
     path = out_dir / SPEC_FILE
-    wanted = _json(spec.to_dict())
+    expected = _json(spec.to_dict())
     if path.exists():
         saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved != wanted:
-            differing = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        if saved != expected:
+            differing = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
             raise ConfigError(f"{out_dir} contains a different sweep (differs in {differing}); rerun with the "
                               "same arguments to resume it, or choose another --out")
         return
-    write_json(path, wanted)
+    write_json(path, expected)
 
 
 def run_sweep(spec: SweepSpec, out_dir: str | Path, only: list[int] | None = None,
