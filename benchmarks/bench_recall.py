@@ -43,11 +43,14 @@ from groundthink.evals.training import ZOOLOGY_MIXTURE, TaskTraining, train_mqar
 log = logging.getLogger("bench_recall")
 
 TEST_STREAM = 7
+CURRICULUM = "32:4:3,64:8:2,128:16:1:0.25,256:32:2:0.25"
+"""Default training mixture T:N:weight[:start]: short tasks from the first update, the 128- and
+256-token tasks after a quarter of the updates."""
 
 
-def parse_mixture(text: str, vocab: int) -> list[tuple[MQARTask, float]]:
+def parse_mixture(text: str, target: MQARTask) -> list[tuple[MQARTask, float, float]]:
     try:
-        return command.parse_mixture(text, vocab)
+        return command.parse_mixture(text, target)
     except ConfigError as err:
         raise SystemExit(f"invalid --mixture: {err}") from None
 
@@ -56,7 +59,9 @@ def build_model(pattern: str, args: argparse.Namespace) -> GroundThinkLM:
     torch.manual_seed(args.seed)
     config = GroundThinkConfig(vocab_size=args.vocab, d_model=args.d_model, n_heads=args.n_heads,
                                head_dim=args.head_dim, expand_v=args.expand_v, layer_pattern=pattern,
-                               window_size=args.window, memory_block=args.memory_block, chunk_size=args.chunk)
+                               window_size=args.window, memory_block=args.memory_block, chunk_size=args.chunk,
+                               dt_min=args.dt_min, dt_max=args.dt_max, decay_a_min=args.decay_a_min,
+                               decay_a_max=args.decay_a_max)
     return GroundThinkLM(config)
 
 
@@ -176,13 +181,21 @@ def main() -> None:
     parser.add_argument("--out", default="runs/recall", help="output folder")
     parser.add_argument("--seq-len", type=int, default=256, help="T of the target task, tokens")
     parser.add_argument("--pairs", type=int, default=32, help="key-value pairs N of the target task")
-    parser.add_argument("--vocab", type=int, default=8192, help="vocabulary size V")
-    parser.add_argument("--mixture", default="zoology",
-                        help=f"training tasks T:N:weight,...; zoology ({ZOOLOGY_MIXTURE}) or none (target task only)")
+    parser.add_argument("--vocab", type=int, default=256, help="vocabulary size V (Zoology uses 8192)")
+    parser.add_argument("--mixture", default=CURRICULUM,
+                        help=f"training tasks T:N:weight[:start],... where start is the fraction of updates before "
+                             f"the task enters; zoology ({ZOOLOGY_MIXTURE}) or none (target task only); "
+                             f"default {CURRICULUM}")
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--n-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64, help="GDN key dim K (memory slots per head)")
     parser.add_argument("--expand-v", type=float, default=1.0, help="GDN value dim as a multiple of K")
+    parser.add_argument("--dt-min", type=float, default=0.001, help="GDN decay init: lower end of softplus(dt_bias)")
+    parser.add_argument("--dt-max", type=float, default=0.01, help="GDN decay init: upper end of softplus(dt_bias)")
+    parser.add_argument("--decay-a-min", type=float, default=1.0, help="GDN decay init: lower end of A")
+    parser.add_argument("--decay-a-max", type=float, default=4.0,
+                        help="GDN decay init: upper end of A; with the dt range, initial half-lives of "
+                             "ln 2 / (A dt) = 17 to 693 tokens")
     parser.add_argument("--window", type=int, default=32, help="SWA window W, tokens")
     parser.add_argument("--memory-block", type=int, default=32, help="memory block M, tokens")
     parser.add_argument("--chunk", type=int, default=32, help="kernel chunk C, tokens")
@@ -208,7 +221,7 @@ def main() -> None:
                         handlers=[logging.StreamHandler(sys.stdout), logging.FileHandler(out_dir / "log.txt")])
     torch.set_num_threads(args.threads)
     task = MQARTask(vocab_size=args.vocab, seq_len=args.seq_len, num_pairs=args.pairs)
-    mixture = parse_mixture(args.mixture, args.vocab)
+    mixture = parse_mixture(args.mixture, task)
     machine = f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
     log.info("command: %s", " ".join(sys.argv))
     log.info("machine: %s", machine)

@@ -20,7 +20,7 @@ from groundthink.evals.mqar import (IGNORE_INDEX, MQAROptions, MQARTask, accurac
                                     generate_mqar, query_correct)
 from groundthink.evals.niah import NIAHOptions, build_prompt
 from groundthink.evals.text import NAMES, OBJECTS
-from groundthink.evals.training import Mixture, TaskTraining, train_mqar
+from groundthink.evals.training import Mixture, TaskTraining, curriculum_mixture, train_mqar
 from groundthink.ops import recurrent_gated_delta_rule
 from groundthink.tokenizer import CharTokenizer
 
@@ -222,6 +222,9 @@ def test_mixture_curriculum_and_budget():
         return sum(mixture.expected_tokens(i / steps) for i in range(steps))
 
     assert cost(n) <= 50_000 < cost(n + 1)
+    curriculum = curriculum_mixture(task(256, 32))
+    assert [(t.seq_len, t.num_pairs, w, f) for t, w, f in curriculum] == [
+        (32, 4, 3.0, 0.0), (64, 8, 2.0, 0.0), (128, 16, 1.0, 0.25), (256, 32, 2.0, 0.25)]
     with pytest.raises(EvalError, match="start at 0"):
         Mixture([(task(32, 4), 1.0, 0.5)], task(32, 4))
     with pytest.raises(EvalError, match="vocab_size"):

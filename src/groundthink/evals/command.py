@@ -93,20 +93,24 @@ def add_mqar_train_arguments(parser) -> None:
     parser.add_argument("--mqar", dest="mqar_options", action="append", default=[], metavar="KEY=VALUE",
                         help="MQAR setting for --task mqar: vocab_size, seq_len, num_pairs, power_a, "
                              "random_non_queries, or mixture=T:N:WEIGHT[:START],... where START is the fraction "
-                             "of updates before that task enters ('zoology' for Zoology's training set, 'none' for "
-                             "the target task only; default zoology), e.g. --mqar num_pairs=32 (repeatable)")
+                             "of updates before that task enters; 'curriculum' (default) for (T/8, N/8) and "
+                             "(T/4, N/4) first, then (T/2, N/2) and (T, N); 'zoology' for Zoology's training set; "
+                             "'none' for the target task only. Example: --mqar num_pairs=32 (repeatable)")
 
 
-def parse_mixture(text: str, vocab_size: int):
-    """[(task, weight, start)] from "T:N:WEIGHT[:START],...", "zoology" (Zoology's training set) or "none".
+def parse_mixture(text: str, target):
+    """[(task, weight, start)] from "T:N:WEIGHT[:START],...", "curriculum" (see curriculum_mixture),
+    "zoology" (Zoology's training set) or "none" (the target task only).
 
     START is the fraction of the planned updates after which the task enters (default 0).
     """
     from .mqar import MQARTask
-    from .training import ZOOLOGY_MIXTURE
+    from .training import ZOOLOGY_MIXTURE, curriculum_mixture
 
     if text == "none":
         return []
+    if text == "curriculum":
+        return curriculum_mixture(target)
     mixture = []
     for item in (ZOOLOGY_MIXTURE if text == "zoology" else text).split(","):
         parts = item.split(":")
@@ -118,7 +122,7 @@ def parse_mixture(text: str, vocab_size: int):
         except ValueError:
             raise ConfigError(f"invalid mixture item {item!r}: use T:N:WEIGHT or T:N:WEIGHT:START, "
                               "e.g. 64:4:5 or 256:32:1:0.3") from None
-        mixture.append((MQARTask(vocab_size=vocab_size, seq_len=seq_len, num_pairs=num_pairs), weight, start))
+        mixture.append((MQARTask(vocab_size=target.vocab_size, seq_len=seq_len, num_pairs=num_pairs), weight, start))
     return mixture
 
 
@@ -128,10 +132,10 @@ def mqar_task_from_options(items: list[str]):
     from .mqar import MQARTask
 
     values = dict(item.partition("=")[::2] for item in items)
-    mixture_text = values.pop("mixture", "zoology")
+    mixture_text = values.pop("mixture", "curriculum")
     try:
         task = parse_options(MQARTask, [f"{k}={v}" for k, v in values.items()])
-        mixture = parse_mixture(mixture_text, task.vocab_size)
+        mixture = parse_mixture(mixture_text, task)
         for t, *_ in mixture:
             t.validate()
     except EvalError as err:
