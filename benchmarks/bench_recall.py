@@ -14,6 +14,13 @@ target task, by query distance, over a sweep of pair counts, and with its memory
 
 Results go to OUT/results.json (rewritten atomically after every model), OUT/log.txt and
 OUT/recall_*.png; OUT/<pattern>/model.safetensors and config.json hold the trained weights.
+
+With --text-runs, the script instead runs the niah and honest suites on checkpoints trained on
+text (for example by benchmarks/train_tinyshakespeare.sh with the four patterns) and writes
+one summary table over them:
+
+    python benchmarks/bench_recall.py --text-runs GSGS=runs/ts-GSGS,SSSS=runs/ts-SSSS \
+        --text ../shared/data/tinyshakespeare.txt --out runs/recall-text
 """
 
 from __future__ import annotations
@@ -175,8 +182,67 @@ def summary_table(results: list[dict]) -> str:
                          "zero_memory", "cut_global"], rows)
 
 
+def run_text_comparison(args: argparse.Namespace) -> None:
+    """niah and honest on each text-trained checkpoint of --text-runs, then one summary table."""
+    from groundthink.checkpoint import load_checkpoint
+    from groundthink.evals import run_suite
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        handlers=[logging.StreamHandler(sys.stdout), logging.FileHandler(out_dir / "log.txt")])
+    torch.set_num_threads(args.threads)
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+    log.info("command: %s", " ".join(sys.argv))
+    rows, summary = [], {}
+    for item in args.text_runs.split(","):
+        name, _, run = item.partition("=")
+        model, tokenizer, _, extra = load_checkpoint(run)
+        log.info("=== %s: %s, step %d", name, extra["path"], extra["step"])
+        niah = run_suite("niah", model, tokenizer, out_dir / name / "niah", seed=args.seed, text=args.text,
+                         overrides=args.niah_option)
+        honest = run_suite("honest", model, tokenizer, out_dir / name / "honest", seed=args.seed, text=args.text,
+                           overrides=args.honest_option)
+        summary[name] = {"checkpoint": str(extra["path"]), "step": extra["step"], "niah": niah, "honest": honest}
+        rows.append(text_row(name, niah, honest))
+        write_results(out_dir, {"command": " ".join(sys.argv), "machine": machine, "models": summary})
+    table = format_table(["model", "niah single", "niah multi", "niah distractor", "ppl after p", "zero_memory",
+                          "cut_global", "ppl all", "ppl copy far", "entities", "zero-shot AR"], rows)
+    log.info("\n%s", table)
+
+
+def text_row(name: str, niah: dict, honest: dict) -> list:
+    """One summary row: mean NIAH accuracy per variant, then the honest suite's headline numbers."""
+    def niah_mean(variant: str):
+        cells = [c["accuracy"] for c in niah["cells"] if c["variant"] == variant]
+        return sum(cells) / len(cells) if cells else float("nan")
+
+    ablation = honest.get("state_ablation", {})
+
+    def ablated(kind: str):
+        item = ablation.get(kind, {})
+        return "skip" if "skipped" in item or not item else f"{item['ppl_ablated_after']:.3f}"
+
+    intact = next((ablation[k]["ppl_intact_after"] for k in ("zero_memory", "cut_global")
+                   if k in ablation and "skipped" not in ablation[k]), float("nan"))
+    entities = " ".join(f"{c['entities']}:{c['accuracy']:.2f}" for c in honest.get("entities", {}).get("cells", [])
+                        if c["distractor_tokens"] == max(x["distractor_tokens"] for x in honest["entities"]["cells"]))
+    recall = " ".join(f"{c['num_pairs']}:{c['accuracy']:.2f}" for c in honest.get("zero_shot_ar", {}).get("cells", []))
+    copy = honest.get("copy", {})
+    return [name, niah_mean("single"), niah_mean("multi"), niah_mean("distractor"), intact, ablated("zero_memory"),
+            ablated("cut_global"), copy.get("ppl_all", float("nan")), copy.get("ppl_copy_far", float("nan")),
+            entities, recall]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--text-runs", default=None, metavar="NAME=RUN,...",
+                        help="instead of MQAR training, run niah and honest on these text-trained run folders")
+    parser.add_argument("--text", default=None, help="UTF-8 text file of the niah and honest suites (--text-runs)")
+    parser.add_argument("--niah-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="niah suite option for --text-runs (repeatable)")
+    parser.add_argument("--honest-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="honest suite option for --text-runs (repeatable)")
     parser.add_argument("--patterns", default="GS,SS,AA,GG", help="comma-separated layer patterns")
     parser.add_argument("--out", default="runs/recall", help="output folder")
     parser.add_argument("--seq-len", type=int, default=256, help="T of the target task, tokens")
@@ -213,6 +279,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
+    if args.text_runs:
+        if not args.text:
+            raise SystemExit("--text-runs needs --text PATH, the text of the niah and honest suites")
+        run_text_comparison(args)
+        return
     args.sweep_pairs = [int(n) for n in args.sweep_pairs.split(",")]
 
     out_dir = Path(args.out)
