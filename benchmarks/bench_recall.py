@@ -32,11 +32,12 @@ import os
 import platform
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from groundthink import GroundThinkConfig, GroundThinkLM
 from groundthink.config import ConfigError
@@ -75,7 +76,7 @@ def build_model(pattern: str, args: argparse.Namespace) -> GroundThinkLM:
 def ablated_accuracy(model: GroundThinkLM, task: MQARTask, examples: int, seed: int) -> dict:
     """Target-task accuracy under each ablation that the model supports."""
     batch = generate_mqar(task, examples, seed=[seed, TEST_STREAM, 1])
-    positions = {"zero_memory": 2 * task.num_pairs, "cut_global": 0}
+    positions = {"zero_memory": 2 * task.num_pairs, "cut_global": 0, "cut_gdn_output": 0}
     out = {}
     for name, (ablate, unsupported) in ABLATIONS.items():
         reason = unsupported(model)
@@ -89,10 +90,46 @@ def ablated_accuracy(model: GroundThinkLM, task: MQARTask, examples: int, seed: 
     return out
 
 
-def run_pattern(pattern: str, args: argparse.Namespace, task: MQARTask, mixture, out_dir: Path) -> dict:
+def run_pattern(spec: str, args: argparse.Namespace, task: MQARTask, mixture, out_dir: Path,
+                previous: dict | None = None) -> dict:
+    """Train and test one model, or with `previous` (its earlier result) reload and retest it.
+
+    `spec` is a layer pattern, optionally followed by +ABLATION terms (e.g. GS+cut_gdn_output)
+    that stay active from position 0 on during training and testing.
+    """
+    pattern, *always = spec.split("+")
+    unknown = sorted(set(always) - set(ABLATIONS))
+    if unknown:
+        raise SystemExit(f"invalid pattern {spec!r}: unknown ablation(s) {unknown}; use {sorted(ABLATIONS)}")
     model = build_model(pattern, args)
+    if previous is not None:
+        load_file_into(model, out_dir / spec / "model.safetensors")
+    with ExitStack() as stack:
+        for name in always:
+            stack.enter_context(ABLATIONS[name][0](model, 0))
+        if previous is None:
+            result = train(model, spec, args, task, mixture, out_dir)
+        else:
+            result = {k: v for k, v in previous.items() if k in TRAINING_KEYS}
+        result.update(test(model, args, task))
+    return result
+
+
+TRAINING_KEYS = ("pattern", "parameters", "parameter_counts", "train_seconds", "train_cpu_seconds", "updates",
+                 "history", "machine")
+
+
+def load_file_into(model: GroundThinkLM, path: Path) -> None:
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]:
+        raise SystemExit(f"{path} does not match the model: missing {missing}, unexpected {unexpected}")
+
+
+def train(model: GroundThinkLM, spec: str, args: argparse.Namespace, task: MQARTask, mixture, out_dir: Path) -> dict:
+    """Train on MQAR under the budget and save the weights; returns the training record."""
     counts = model.parameter_counts()
-    log.info("=== %s: %d parameters (%s)", pattern, counts["total"],
+    log.info("=== %s: %d parameters (%s)", spec, counts["total"],
              ", ".join(f"{k} {v}" for k, v in counts.items() if v and k != "total"))
     settings = TaskTraining(max_steps=args.max_steps, batch_size=args.batch, lr=args.lr, min_lr=args.lr / 10,
                             warmup_steps=args.warmup, time_budget_s=args.budget_min * 60, budget_clock=args.budget_clock,
@@ -100,37 +137,38 @@ def run_pattern(pattern: str, args: argparse.Namespace, task: MQARTask, mixture,
     start, cpu_start = time.perf_counter(), time.process_time()
     history = train_mqar(model, task, settings, mixture=mixture)
     train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    log.info("%s: %s after %d updates, %.1f min wall, %.1f CPU min", pattern, history.stop_reason,
+    log.info("%s: %s after %d updates, %.1f min wall, %.1f CPU min", spec, history.stop_reason,
              history.steps[-1], train_seconds / 60, train_cpu_seconds / 60)
 
-    batch = generate_mqar(task, args.test_examples, seed=[args.seed, TEST_STREAM])
-    correct = query_correct(model, batch, batch_size=32)
-    by_distance = accuracy_by_distance(correct, batch.distances, distance_edges(task.seq_len, args.window))
-    # The receptive field of L window-only layers ends L * (W - 1) tokens back.
-    reach = len(pattern) * (args.window - 1) + 1
-    beyond = batch.distances >= reach
-    sweep = []
-    for n in args.sweep_pairs:
-        cell = MQARTask(vocab_size=args.vocab, seq_len=task.seq_len, num_pairs=n)
-        sweep.append({"num_pairs": n, "accuracy": evaluate_mqar(model, cell, args.test_examples // 2,
-                                                                seed=[args.seed, TEST_STREAM, n])["accuracy"]})
-    ablations = ablated_accuracy(model, task, args.test_examples // 2, args.seed)
-
-    pattern_dir = out_dir / pattern
+    pattern_dir = out_dir / spec
     pattern_dir.mkdir(parents=True, exist_ok=True)
     model.config.save(pattern_dir / "config.json")
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or
              not model.config.tie_embeddings}
     save_file(state, str(pattern_dir / "model.safetensors.tmp"))
     (pattern_dir / "model.safetensors.tmp").replace(pattern_dir / "model.safetensors")
+    return {"pattern": spec, "parameters": counts["total"], "parameter_counts": counts,
+            "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds, "updates": history.steps[-1],
+            "history": history.to_dict()}
 
-    result = {"pattern": pattern, "parameters": counts["total"], "parameter_counts": counts,
-              "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds, "updates": history.steps[-1], "history": history.to_dict(),
-              "accuracy": float(correct.float().mean()), "chance": task.chance, "by_distance": by_distance,
-              "window_only_reach": reach, "queries_beyond_reach": int(beyond.sum()),
-              "accuracy_beyond_reach": float(correct[beyond].float().mean()) if beyond.any() else float("nan"),
-              "sweep": sweep, "ablations": ablations}
-    return result
+
+def test(model: GroundThinkLM, args: argparse.Namespace, task: MQARTask) -> dict:
+    """Accuracy on fresh target-task examples, by distance, over a sweep of pair counts, and ablated."""
+    batch = generate_mqar(task, args.test_examples, seed=[args.seed, TEST_STREAM])
+    correct = query_correct(model, batch, batch_size=32)
+    by_distance = accuracy_by_distance(correct, batch.distances, distance_edges(task.seq_len, args.window))
+    # The receptive field of L window-only layers ends L * (W - 1) tokens back.
+    reach = model.config.n_layers * (args.window - 1) + 1
+    beyond = batch.distances >= reach
+    sweep = []
+    for n in args.sweep_pairs:
+        cell = MQARTask(vocab_size=args.vocab, seq_len=task.seq_len, num_pairs=n)
+        sweep.append({"num_pairs": n, "accuracy": evaluate_mqar(model, cell, args.test_examples // 2,
+                                                                seed=[args.seed, TEST_STREAM, n])["accuracy"]})
+    return {"accuracy": float(correct.float().mean()), "chance": task.chance, "by_distance": by_distance,
+            "window_only_reach": reach, "queries_beyond_reach": int(beyond.sum()),
+            "accuracy_beyond_reach": float(correct[beyond].float().mean()) if beyond.any() else float("nan"),
+            "sweep": sweep, "ablations": ablated_accuracy(model, task, args.test_examples // 2, args.seed)}
 
 
 def plot(results: list[dict], task: MQARTask, out_dir: Path) -> None:
@@ -177,13 +215,14 @@ def summary_table(results: list[dict]) -> str:
         def show(name):
             return "skip" if "skipped" in ab[name] else f"{ab[name]['accuracy']:.3f}"
         rows.append([r["pattern"], r["parameters"], r["updates"], f"{r['train_cpu_seconds'] / 60:.1f}", r["accuracy"],
-                     r["accuracy_beyond_reach"], r["chance"], show("zero_memory"), show("cut_global")])
+                     r["accuracy_beyond_reach"], r["chance"], show("zero_memory"), show("cut_global"),
+                     show("cut_gdn_output") if "cut_gdn_output" in ab else "n/a"])
     return format_table(["model", "params", "updates", "CPU min", "accuracy", "beyond window reach", "chance",
-                         "zero_memory", "cut_global"], rows)
+                         "zero_memory", "cut_global", "cut_gdn_output"], rows)
 
 
 def run_text_comparison(args: argparse.Namespace) -> None:
-    """niah and honest on each text-trained checkpoint of --text-runs, then one summary table."""
+    """Run niah and honest on each text-trained checkpoint of --text-runs, then log one summary table."""
     from groundthink.checkpoint import load_checkpoint
     from groundthink.evals import run_suite
 
@@ -212,7 +251,7 @@ def run_text_comparison(args: argparse.Namespace) -> None:
 
 
 def text_row(name: str, niah: dict, honest: dict) -> list:
-    """One summary row: mean NIAH accuracy per variant, then the honest suite's headline numbers."""
+    """Build one summary row: mean NIAH accuracy per variant, then the honest suite's headline numbers."""
     def niah_mean(variant: str):
         cells = [c["accuracy"] for c in niah["cells"] if c["variant"] == variant]
         return sum(cells) / len(cells) if cells else float("nan")
@@ -243,7 +282,9 @@ def main() -> None:
                         help="niah suite option for --text-runs (repeatable)")
     parser.add_argument("--honest-option", action="append", default=[], metavar="KEY=VALUE",
                         help="honest suite option for --text-runs (repeatable)")
-    parser.add_argument("--patterns", default="GS,SS,AA,GG", help="comma-separated layer patterns")
+    parser.add_argument("--patterns", default="GS,SS,AA,GG",
+                        help="comma-separated layer patterns; PATTERN+ABLATION keeps that ablation on from position 0 "
+                             "during training and testing, e.g. GS+cut_gdn_output (the memory is read only by the S layer)")
     parser.add_argument("--out", default="runs/recall", help="output folder")
     parser.add_argument("--seq-len", type=int, default=256, help="T of the target task, tokens")
     parser.add_argument("--pairs", type=int, default=32, help="key-value pairs N of the target task")
@@ -278,6 +319,8 @@ def main() -> None:
     parser.add_argument("--sweep-pairs", default="4,8,16,32,64", help="pair counts of the test sweep at T")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--retest", action="store_true",
+                        help="reload the saved weights of patterns already in OUT/results.json and test them again")
     args = parser.parse_args()
     if args.text_runs:
         if not args.text:
@@ -299,16 +342,18 @@ def main() -> None:
 
     # Models already in OUT/results.json with the same settings are kept, so an interrupted
     # comparison continues and patterns can be added later.
-    settings = {k: v for k, v in vars(args).items() if k not in ("patterns", "out", "threads")}
+    settings = {k: v for k, v in vars(args).items() if k not in (
+        "patterns", "out", "threads", "retest", "text_runs", "text", "niah_option", "honest_option")}
     results, commands = load_previous(out_dir / "results.json", settings)
     commands.append(" ".join(sys.argv))
     for pattern in args.patterns.split(","):
-        if any(r["pattern"] == pattern for r in results):
-            log.info("%s: already in %s, skipped", pattern, out_dir / "results.json")
+        previous = next((r for r in results if r["pattern"] == pattern), None)
+        if previous is not None and not args.retest:
+            log.info("%s: already in %s, skipped (pass --retest to test it again)", pattern, out_dir / "results.json")
             continue
-        result = run_pattern(pattern, args, task, mixture, out_dir)
-        result["machine"] = machine
-        results.append(result)
+        result = run_pattern(pattern, args, task, mixture, out_dir, previous)
+        result.setdefault("machine", machine)
+        results = [r for r in results if r["pattern"] != pattern] + [result]
         write_results(out_dir, {"commands": commands, "settings": settings, "task": asdict(task),
                                 "models": results})
         log.info("\n%s", summary_table(results))

@@ -12,8 +12,8 @@ import torch.nn as nn
 
 from groundthink import GroundThinkConfig, GroundThinkLM
 from groundthink.evals import SUITES, run_suite
-from groundthink.evals.ablation import (cut_global_pathway_from, cut_global_unsupported, zero_memory_at,
-                                        zero_memory_unsupported)
+from groundthink.evals.ablation import (cut_gdn_output_from, cut_global_pathway_from, cut_global_unsupported,
+                                        zero_memory_at, zero_memory_unsupported)
 from groundthink.evals.common import EvalError, parse_options
 from groundthink.evals.honest import build_entity_examples, copy_masks, repeat_distances, state_ablation
 from groundthink.evals.mqar import (IGNORE_INDEX, MQAROptions, MQARTask, accuracy_from_logits, evaluate_mqar,
@@ -285,6 +285,21 @@ def test_cut_global_pathway_closes_gate_from_p():
         assert torch.equal(gate[:, :p], intact.internals[layer]["gate"][:, :p])
     assert torch.equal(ablated.logits[:, :p], intact.logits[:, :p])
     assert (ablated.logits[:, p:] - intact.logits[:, p:]).abs().max() > 1e-6
+
+
+def test_cut_gdn_output_keeps_memory():
+    """Cutting the GDN output changes logits from p on but leaves the memory the S layer reads unchanged."""
+    model = tiny_model("GSGS")
+    ids = torch.randint(0, 64, (2, 29))
+    p = 10
+    with torch.no_grad():
+        intact = model(ids, return_internals=True)
+        with cut_gdn_output_from(model, p):
+            ablated = model(ids, return_internals=True)
+    assert torch.equal(ablated.logits[:, :p], intact.logits[:, :p])
+    assert (ablated.logits[:, p:] - intact.logits[:, p:]).abs().max() > 1e-6
+    # Layer 0's memory depends only on the embeddings, so the S layer above it reads the same memory.
+    assert torch.equal(ablated.internals[1]["memory"], intact.internals[1]["memory"])
 
 
 @pytest.mark.parametrize("pattern, memory_ok, global_ok", [

@@ -1,6 +1,6 @@
 """Ablations of the recurrent memory through forward hooks; the model code stays unchanged.
 
-Two ablations, each a context manager active for the forward passes run inside it:
+Three ablations, each a context manager active for the forward passes run inside it:
 
 - `zero_memory_at(model, p)`: a forward hook on `a_proj` of every GDN layer replaces its output
   at position p so that the log decay there is g_p = -decay (default 1000), hence
@@ -13,6 +13,9 @@ Two ablations, each a context manager active for the forward passes run inside i
 - `cut_global_pathway_from(model, p)`: a forward hook on `gate_proj` of every SWA layer with
   a global pathway sets its output to -inf from position p on, so gate_t = sigmoid(-inf) = 0
   and the layer's output is its local window attention alone at every t >= p.
+- `cut_gdn_output_from(model, p)`: a forward hook on `o_proj` of every GDN layer sets its
+  output to 0 from position p on. The GDN layers still write their memory, so from p on the
+  memory reaches the residual stream only through the global pathway of SWA layers.
 
 How the decay hook reaches alpha = 0: g = -A * softplus(a + dt_bias) with A = exp(A_log) per
 head, so the hook sets a = max(decay / A, 30) - dt_bias, where softplus(x) = x (torch returns x
@@ -120,8 +123,36 @@ def cut_global_pathway_from(model: nn.Module, position: int) -> Iterator[None]:
             handle.remove()
 
 
+def cut_gdn_output_unsupported(model: nn.Module) -> str | None:
+    """Why cut_gdn_output_from cannot run on this model, or None when it can."""
+    return zero_memory_unsupported(model)
+
+
+@contextmanager
+def cut_gdn_output_from(model: nn.Module, position: int) -> Iterator[None]:
+    """Zero the output of every GDN layer at positions >= `position`; its memory is still written."""
+    _check_position(position)
+    reason = cut_gdn_output_unsupported(model)
+    if reason is not None:
+        raise ValueError(f"cannot cut the GDN output: {reason}")
+
+    def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        # output: o_proj(o) [B, T, D]
+        ablated = output.clone()
+        ablated[:, position:] = 0.0
+        return ablated
+
+    handles = [layer.o_proj.register_forward_hook(hook) for layer in gdn_layers(model)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 ABLATIONS = {
     "zero_memory": (zero_memory_at, zero_memory_unsupported),
     "cut_global": (cut_global_pathway_from, cut_global_unsupported),
+    "cut_gdn_output": (cut_gdn_output_from, cut_gdn_output_unsupported),
 }
 """Name -> (context manager, function returning why the model cannot be ablated or None)."""
