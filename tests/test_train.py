@@ -49,7 +49,7 @@ def test_loss_decreases(text_file, tmp_path):
     assert first > math.log(66) - 0.3, f"an untrained model starts near ln(vocab), got {first:.3f}"
     assert last < first - 0.7, f"loss went from {first:.3f} to only {last:.3f} in 40 steps"
     assert result.val_loss is not None and result.val_loss < 3.5
-    assert {"step", "tokens", "loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"} <= set(records[-1])
+    assert {"step", "tokens", "loss", "val_loss", "lr", "tokens_per_s", "elapsed_s", "cpu_s"} <= set(records[-1])
     assert (tmp_path / "run" / "samples.txt").read_text().count("=== step") == 2
 
 

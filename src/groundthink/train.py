@@ -535,9 +535,9 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, runtime: Runtime) -> Tra
     groups = parameter_groups(model, cfg.weight_decay)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    step, tokens, elapsed_offset = 0, 0, 0.0
+    step, tokens, elapsed_offset, cpu_offset = 0, 0, 0.0, 0.0
     if checkpoint_dir is not None:
-        step, tokens, elapsed_offset = _restore(checkpoint_dir, run_config, data, model, optimizer)
+        step, tokens, elapsed_offset, cpu_offset = _restore(checkpoint_dir, run_config, data, model, optimizer)
         if step >= cfg.max_steps:
             log.warning("the checkpoint is at step %d, not below train.max_steps=%d: nothing to train; raise "
                         "it with --set train.max_steps=N", step, cfg.max_steps)
@@ -563,6 +563,9 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, runtime: Runtime) -> Tra
                unit="step", dynamic_ncols=True, mininterval=1.0)
     start_step = step
     start = time.perf_counter() - elapsed_offset
+    # CPU seconds of this process (all its threads): on a shared machine they show the
+    # cost of training better than wall time does.
+    cpu_start = time.process_time() - cpu_offset
     # Throughput counts the time of the updates only, not evaluation, sampling or checkpoints.
     interval_train_s, interval_tokens, interval_losses = 0.0, 0, []
     loss_value, val_loss, saved = float("nan"), None, None
@@ -626,7 +629,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, runtime: Runtime) -> Tra
                 record = {"step": step, "tokens": tokens, "loss": float(np.mean(interval_losses)),
                           "val_loss": val_loss, "lr": lr,
                           "tokens_per_s": interval_tokens / max(interval_train_s, 1e-9),
-                          "elapsed_s": now - start}
+                          "elapsed_s": now - start, "cpu_s": time.process_time() - cpu_start}
                 _write_metrics(run_dir, record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
                                 lr=f"{lr:.2e}", refresh=False)
@@ -638,6 +641,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, runtime: Runtime) -> Tra
             # 7. Checkpoint (rank 0), last in the step so that it contains everything above.
             if main and (step % cfg.save_interval == 0 or stop):
                 state = {"optimizer": optimizer.state_dict(), "tokens": tokens, "elapsed_s": time.perf_counter() - start,
+                         "cpu_s": time.process_time() - cpu_start,
                          "rng": capture_rng_state(), "world_size": runtime.world_size,
                          "scheduler": {"step": step, "elapsed_s": time.perf_counter() - start}}
                 saved = save_checkpoint(run_dir, model=model, tokenizer=data.tokenizer, run_config=run_config,
@@ -651,8 +655,8 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, runtime: Runtime) -> Tra
 
 
 def _restore(checkpoint_dir: Path, run_config: dict[str, Any], data: PreparedData, model: nn.Module,
-             optimizer: torch.optim.Optimizer) -> tuple[int, int, float]:
-    """Load weights, optimizer and RNG states; returns (step, tokens, elapsed seconds)."""
+             optimizer: torch.optim.Optimizer) -> tuple[int, int, float, float]:
+    """Load weights, optimizer and RNG states; returns (step, tokens, elapsed seconds, CPU seconds)."""
     saved = read_run_config(checkpoint_dir)
     for section in ("model", "data"):
         differences = _config_differences(saved.get(section, {}), run_config[section])
@@ -669,7 +673,7 @@ def _restore(checkpoint_dir: Path, run_config: dict[str, Any], data: PreparedDat
     optimizer.load_state_dict(state["optimizer"])
     restore_rng_state(state["rng"])
     log.info("resumed from %s at step %d", checkpoint_dir, state["step"])
-    return int(state["step"]), int(state["tokens"]), float(state["elapsed_s"])
+    return int(state["step"]), int(state["tokens"]), float(state["elapsed_s"]), float(state.get("cpu_s", 0.0))
 
 
 def _log_startup(run: RunConfig, run_config: dict[str, Any], run_dir: Path, data: PreparedData, model: GroundThinkLM,
