@@ -6,8 +6,10 @@ achieved GFLOP/s and the fraction of this machine's float32 matmul peak measured
 the same run. With `transformers` installed (the `bench` extra), it also times the
 pure-PyTorch `torch_chunk_gated_delta_rule` of its Qwen3-Next model on the same inputs.
 Timings interleave the kernels and report medians, because shared machines are noisy.
+On a machine shared with other jobs, `--threads 1 --cpu-time` measures the process CPU
+time of each call instead of wall time, which descheduling does not inflate.
 
-    python benchmarks/bench_gated_delta.py [--threads N] [--repeats R] [--json FILE]
+    python benchmarks/bench_gated_delta.py [--threads N] [--cpu-time] [--repeats R] [--json FILE]
 """
 
 from __future__ import annotations
@@ -33,14 +35,14 @@ def chunk_flops_forward(T: int) -> float:
     return n_chunks * H * (6 * C * C * K + 4 * C * C * V + C ** 3 / 3 + 6 * C * K * V)
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak_gflops(clock, n: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         a @ b
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return 2 * n ** 3 / min(times) / 1e9
 
 
@@ -67,13 +69,13 @@ def load_peer():
     return lambda q, k, v, g, beta: kernel(q, k, v, g, beta, chunk_size=C)[0]
 
 
-def time_interleaved(kernels: dict, T: int, backward: bool, repeats: int) -> dict[str, float]:
+def time_interleaved(kernels: dict, T: int, backward: bool, repeats: int, clock) -> dict[str, float]:
     """Median seconds per call of each kernel, calling them in turn so load spikes hit all alike."""
     inputs = make_inputs(T, requires_grad=backward)
     samples: dict[str, list[float]] = {name: [] for name in kernels}
     for round_index in range(repeats + 1):
         for name, kernel in kernels.items():
-            start = time.perf_counter()
+            start = clock()
             if backward:
                 out = kernel(*inputs)
                 out.sum().backward()
@@ -83,7 +85,7 @@ def time_interleaved(kernels: dict, T: int, backward: bool, repeats: int) -> dic
                 with torch.no_grad():
                     kernel(*inputs)
             if round_index > 0:  # the first round warms up allocators and caches
-                samples[name].append(time.perf_counter() - start)
+                samples[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -94,14 +96,18 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--recurrent-max-t", type=int, default=2048,
                         help="skip the recurrent kernel above this T (it loops over tokens in Python)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with the process CPU clock instead of the wall clock (use with --threads 1)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = time.process_time if args.cpu_time else time.perf_counter
 
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(clock)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'process CPU' if args.cpu_time else 'wall'} clock")
     print(f"float32 matmul peak (2048^3, best of 5): {peak:.1f} GFLOP/s")
 
     chunk = lambda q, k, v, g, beta: chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=C)[0]
@@ -119,8 +125,8 @@ def main() -> None:
             kernels["peer"] = peer
         if T <= args.recurrent_max_t:
             kernels["recurrent"] = recurrent
-        forward = time_interleaved(kernels, T, backward=False, repeats=args.repeats)
-        both = time_interleaved(kernels, T, backward=True, repeats=args.repeats)
+        forward = time_interleaved(kernels, T, backward=False, repeats=args.repeats, clock=clock)
+        both = time_interleaved(kernels, T, backward=True, repeats=args.repeats, clock=clock)
         flops = chunk_flops_forward(T)
         for name in kernels:
             gflops = flops / forward[name] / 1e9
@@ -144,7 +150,8 @@ def main() -> None:
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"matmul_peak_gflops": peak, "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+            json.dump({"matmul_peak_gflops": peak, "threads": torch.get_num_threads(), "cpu_time": args.cpu_time,
+                       "rows": rows}, f, indent=2)
         os.replace(tmp, args.json)
 
 

@@ -42,8 +42,7 @@ def grads(fn, inputs, loss_weights):
 @pytest.mark.parametrize("T", [1, 7, 63, 64, 65, 200, 300])
 @pytest.mark.parametrize("initial", [False, True])
 def test_chunk_matches_recurrent(dtype, chunk_size, T, initial):
-    """Guards the WY solve, the padding of the last chunk and both chunk-state scans
-    (T = 300 with C = 16 gives 19 chunks, past the grouped-scan threshold of 16)."""
+    """Guards the WY solve, the padding of the last chunk and the chunk-state scan."""
     B, H, K, V = 2, 3, 8, 12
     q, k, v, g, beta, S0 = make_inputs(B, T, H, K, V, dtype=dtype, requires_grad=True, initial=initial)
     inputs = (q, k, v, g, beta, S0)
@@ -221,7 +220,7 @@ def check_long_sequence_stability(T: int) -> None:
 
 @pytest.mark.slow
 def test_long_sequence_stability():
-    """T = 8192: 128 chunks through the grouped scan."""
+    """T = 8192: 128 chunks."""
     check_long_sequence_stability(8192)
 
 

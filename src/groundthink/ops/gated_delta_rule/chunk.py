@@ -10,8 +10,6 @@ loop is one [K, K] @ [K, V] product per chunk. Derivation: docs/chunked-gated-de
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -57,61 +55,6 @@ def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
         blocks = torch.cat([top, bottom], dim=-2)                                  # [..., n_pairs, 2s, 2s]
         s *= 2
     return blocks.reshape(*batch, size, size)[..., :C, :C]
-
-
-def _scan_states(transition: torch.Tensor, writes: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run S_{n+1} = transition_n S_n + writes_n from S_0 = S over n = 0 .. N-1.
-
-    transition [N, BH, K, K], writes [N, BH, K, V], S [BH, K, V]. Returns (states [N, BH, K, V]
-    with states[n] = S_n, S_N). Long scans are split into about sqrt(N) groups of G chunks:
-    1. inside every group at once, the states from a zero start and the products of the
-       transitions (G sequential steps, batched over groups);
-    2. the states at the group starts (N / G sequential steps);
-    3. every state as product @ group-start state + state from zero (one batched product).
-    That is 2 sqrt(N) small sequential steps instead of N, for about 2.5x the scan's FLOPs.
-    Loops use unbind, not indexing: the backward of each index op would zero-fill and add a
-    full [N, ...] buffer.
-    """
-    N, BH, K, V = writes.shape
-    if N <= 16:
-        states = []
-        for transition_n, writes_n in zip(transition.unbind(0), writes.unbind(0)):
-            states.append(S)
-            S = torch.baddbmm(writes_n, transition_n, S)
-        return torch.stack(states), S
-
-    G = math.isqrt(N - 1) + 1                                                      # ceil(sqrt(N))
-    n_groups = -(-N // G)
-    pad = n_groups * G - N
-    if pad:
-        eye = torch.eye(K, dtype=S.dtype, device=S.device).expand(pad, BH, K, K)
-        transition = torch.cat([transition, eye])
-        writes = torch.cat([writes, writes.new_zeros(pad, BH, K, V)])
-    transition = transition.view(n_groups, G, BH, K, K).transpose(0, 1).reshape(G, n_groups * BH, K, K)
-    writes = writes.view(n_groups, G, BH, K, V).transpose(0, 1).reshape(G, n_groups * BH, K, V)
-
-    # 1. Inside the groups: states from a zero start and products of transitions so far.
-    local = writes.new_zeros(n_groups * BH, K, V)
-    product = torch.eye(K, dtype=S.dtype, device=S.device).expand(n_groups * BH, K, K)
-    locals_, products = [], []
-    for transition_j, writes_j in zip(transition.unbind(0), writes.unbind(0)):
-        locals_.append(local)
-        products.append(product)
-        local = torch.baddbmm(writes_j, transition_j, local)
-        product = transition_j @ product
-
-    # 2. Across the groups: the state at every group start.
-    starts = []
-    for product_g, local_g in zip(product.view(n_groups, BH, K, K).unbind(0), local.view(n_groups, BH, K, V).unbind(0)):
-        starts.append(S)
-        S = torch.baddbmm(local_g, product_g, S)
-    starts = torch.stack(starts)                                                   # [n_groups, BH, K, V]
-
-    # 3. Every chunk-start state from its group start.
-    locals_ = torch.stack(locals_).view(G, n_groups, BH, K, V)
-    products = torch.stack(products).view(G, n_groups, BH, K, K)
-    states = products @ starts + locals_                                           # [G, n_groups, BH, K, V]
-    return states.transpose(0, 1).reshape(n_groups * G, BH, K, V)[:N], S
 
 
 def chunk_gated_delta_rule(
@@ -172,7 +115,8 @@ def chunk_gated_delta_rule(
     BH = B * H
 
     def to_chunks(x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))                            # pad T (dim 1)
+        if pad:
+            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))                        # pad T (dim 1)
         x = x.view(B, N, C, H, *x.shape[3:]).transpose(2, 3).transpose(0, 1)       # [N, B, H, C, ...]
         return x.reshape(N, BH, C, *x.shape[4:])
 
@@ -209,9 +153,14 @@ def chunk_gated_delta_rule(
     transition = decay_chunk[..., None, None] * eye_k - k_to_end @ W               # [N, BH, K, K]
     writes = k_to_end @ U                                                          # [N, BH, K, V]
 
-    # 5. Scan over chunks for the state at every chunk start.
-    S0 = q.new_zeros(BH, K, V) if initial_state is None else initial_state.to(acc).reshape(BH, K, V)
-    chunk_states, S = _scan_states(transition, writes, S0)                         # [N, BH, K, V]
+    # 5. Sequential scan over chunks: one [K, K] @ [K, V] product each. unbind, not indexing:
+    #    the backward of each index op would zero-fill and add a full [N, ...] buffer.
+    S = q.new_zeros(BH, K, V) if initial_state is None else initial_state.to(acc).reshape(BH, K, V)
+    states = []
+    for transition_n, writes_n in zip(transition.unbind(0), writes.unbind(0)):
+        states.append(S)
+        S = torch.baddbmm(writes_n, transition_n, S)
+    chunk_states = torch.stack(states)                                             # [N, BH, K, V]
 
     # 6. Add the contribution of the chunk-start state, then restore [B, T, H, V].
     o = o_intra + q_state @ chunk_states                                           # [N, BH, C, V]
