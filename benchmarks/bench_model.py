@@ -4,7 +4,10 @@ Each (pattern, T) point runs in a fresh subprocess so that its peak resident set
 (ru_maxrss, or torch.cuda.max_memory_allocated on CUDA) belongs to that point alone;
 the reported peak is the growth of the peak RSS over the RSS after building the model.
 
-    python benchmarks/bench_model.py [--lengths 256 1024 4096] [--batch 1] [--threads N]
+On a machine shared with other jobs, `--threads 1 --cpu-time` times each step with the
+process CPU clock, which descheduling does not inflate.
+
+    python benchmarks/bench_model.py [--lengths 256 1024 4096] [--batch 1] [--threads N] [--cpu-time]
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def matched_attention_config() -> dict:
     return best[0]
 
 
-def run_point(config: dict, T: int, batch: int, repeats: int) -> dict:
+def run_point(config: dict, T: int, batch: int, repeats: int, cpu_time: bool = False) -> dict:
     """Measure one point in this process: tokens/s of forward+backward and peak memory growth."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = GroundThinkLM(GroundThinkConfig(**config)).to(device)
@@ -46,15 +49,16 @@ def run_point(config: dict, T: int, batch: int, repeats: int) -> dict:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    clock = time.process_time if cpu_time else time.perf_counter
     times = []
     for step in range(repeats + 1):
-        start = time.perf_counter()
+        start = clock()
         model(ids[:, :-1], labels=ids[:, 1:]).loss.backward()
         model.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
         if step > 0:
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
@@ -70,13 +74,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with the process CPU clock instead of the wall clock (use with --threads 1)")
     parser.add_argument("--point", default=None, help=argparse.SUPPRESS)  # JSON: run one point, print JSON
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.point:
         point = json.loads(args.point)
-        print(json.dumps(run_point(point["config"], point["T"], args.batch, args.repeats)))
+        print(json.dumps(run_point(point["config"], point["T"], args.batch, args.repeats, args.cpu_time)))
         return
 
     configs = [dict(BASE, layer_pattern="GSGS"), matched_attention_config()]
@@ -89,6 +95,8 @@ def main() -> None:
                        "--batch", str(args.batch), "--repeats", str(args.repeats)]
             if args.threads:
                 command += ["--threads", str(args.threads)]
+            if args.cpu_time:
+                command.append("--cpu-time")
             row = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
             results.append(row)
             print(f"{row['pattern']:<8} {config['d_model']:>7} {row['parameters']:>9} {T:>6} "
