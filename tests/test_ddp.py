@@ -31,9 +31,19 @@ TOKENS = np.random.default_rng(0).integers(0, 50, size=5_000).astype(np.uint16)
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports, all held open until every one is chosen."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def rank_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -41,7 +51,7 @@ def rank_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [sample_batch(TOKENS, 3, 16, seed=0, stream=0, rank=rank, index=i) for i in range(2)]
 
 
-def _worker(rank: int, port: int, out_dir: str, text_file: str) -> None:
+def _worker(rank: int, port: int, train_port: int, out_dir: str, text_file: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -57,7 +67,9 @@ def _worker(rank: int, port: int, out_dir: str, text_file: str) -> None:
     dist.barrier()
     dist.destroy_process_group()
 
-    # 2. The full training loop on two ranks.
+    # 2. The full training loop on two ranks, through a fresh store on another port: re-joining
+    #    the first port races with rank 0's old store shutting down and can hang.
+    os.environ["MASTER_PORT"] = str(train_port)
     run = load_run_config(REPO / "configs" / "tiny.toml", [
         f"data.path={json.dumps(text_file)}", f"data.cache_dir={json.dumps(str(Path(out_dir) / 'cache'))}",
         "train.max_steps=3", "train.log_interval=1", "train.eval_interval=3", "train.progress_bar=false",
@@ -73,7 +85,8 @@ def ddp_result(tmp_path_factory) -> Path:
     out_dir = tmp_path_factory.mktemp("ddp")
     text_file = out_dir / "slice.txt"
     text_file.write_text(source.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
-    context = mp.spawn(_worker, args=(free_port(), str(out_dir), str(text_file)), nprocs=WORLD, join=False)
+    ports = free_ports(2)
+    context = mp.spawn(_worker, args=(*ports, str(out_dir), str(text_file)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=2):
         if time.monotonic() > deadline:
