@@ -247,14 +247,20 @@ def run_text_comparison(args: argparse.Namespace) -> None:
         write_results(out_dir, {"command": " ".join(sys.argv), "machine": machine, "models": summary})
     table = format_table(["model", "niah single", "niah multi", "niah distractor", "ppl after p", "zero_memory",
                           "cut_global", "ppl all", "ppl copy far", "entities", "zero-shot AR"], rows)
-    log.info("\n%s", table)
+    log.info("\n%s\nniah cells: exact-match accuracy / forced-choice accuracy (chance 1 / (foils + 1)); "
+             "entities: count: exact match / forced choice, longest distractor", table)
 
 
 def text_row(name: str, niah: dict, honest: dict) -> list:
-    """Build one summary row: mean NIAH accuracy per variant, then the honest suite's headline numbers."""
-    def niah_mean(variant: str):
-        cells = [c["accuracy"] for c in niah["cells"] if c["variant"] == variant]
-        return sum(cells) / len(cells) if cells else float("nan")
+    """Build one summary row: mean NIAH exact-match and forced-choice accuracy per variant, then the
+    honest suite's headline numbers."""
+    def niah_mean(variant: str) -> str:
+        cells = [c for c in niah["cells"] if c["variant"] == variant]
+        if not cells:
+            return "-"
+        exact = sum(c["accuracy"] for c in cells) / len(cells)
+        choice = sum(c["choice_accuracy"] for c in cells) / len(cells)
+        return f"{exact:.2f} / {choice:.2f}"
 
     ablation = honest.get("state_ablation", {})
 
@@ -264,7 +270,8 @@ def text_row(name: str, niah: dict, honest: dict) -> list:
 
     intact = next((ablation[k]["ppl_intact_after"] for k in ("zero_memory", "cut_global")
                    if k in ablation and "skipped" not in ablation[k]), float("nan"))
-    entities = " ".join(f"{c['entities']}:{c['accuracy']:.2f}" for c in honest.get("entities", {}).get("cells", [])
+    entities = " ".join(f"{c['entities']}: {c['accuracy']:.2f}/{c['choice_accuracy']:.2f}"
+                        for c in honest.get("entities", {}).get("cells", [])
                         if c["distractor_tokens"] == max(x["distractor_tokens"] for x in honest["entities"]["cells"]))
     recall = " ".join(f"{c['num_pairs']}:{c['accuracy']:.2f}" for c in honest.get("zero_shot_ar", {}).get("cells", []))
     copy = honest.get("copy", {})

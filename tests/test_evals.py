@@ -15,11 +15,12 @@ from groundthink.evals import SUITES, run_suite
 from groundthink.evals.ablation import (cut_gdn_output_from, cut_global_pathway_from, cut_global_unsupported,
                                         zero_memory_at, zero_memory_unsupported)
 from groundthink.evals.common import EvalError, parse_options
-from groundthink.evals.honest import build_entity_examples, copy_masks, repeat_distances, state_ablation
+from groundthink.evals.honest import (build_entity_examples, copy_masks, entity_tracking, repeat_distances,
+                                      state_ablation)
 from groundthink.evals.mqar import (IGNORE_INDEX, MQAROptions, MQARTask, accuracy_from_logits, evaluate_mqar,
                                     generate_mqar, query_correct)
-from groundthink.evals.niah import NIAHOptions, build_prompt
-from groundthink.evals.text import NAMES, OBJECTS
+from groundthink.evals.niah import NIAHOptions, build_prompt, evaluate_cell
+from groundthink.evals.text import NAMES, OBJECTS, choice_log_likelihoods, forced_choice, token_nll
 from groundthink.evals.training import Mixture, TaskTraining, curriculum_mixture, train_mqar
 from groundthink.ops import recurrent_gated_delta_rule
 from groundthink.tokenizer import CharTokenizer
@@ -87,6 +88,46 @@ class RandomModel(nn.Module):
         if self.allowed is not None:
             logits[..., ~self.allowed] = -math.inf
         return logits
+
+
+class SuffixCopyModel(nn.Module):
+    """Text oracle: at each of the last `tail` positions, predicts the token that followed the
+    longest earlier occurrence of the current suffix (an idealised induction head)."""
+
+    def __init__(self, vocab: int, tail: int = 12):
+        super().__init__()
+        self.vocab = vocab
+        self.tail = tail
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        B, T = input_ids.shape
+        logits = torch.zeros(B, T, self.vocab)
+        for b in range(B):
+            ids = input_ids[b].tolist()
+            for t in range(max(0, T - self.tail), T):
+                best, follow = 0, None
+                for j in range(t):
+                    n = 0
+                    while n <= j and ids[j - n] == ids[t - n]:
+                        n += 1
+                    if n > best:
+                        best, follow = n, ids[j + 1]
+                if follow is not None:
+                    logits[b, t, follow] = 30.0
+        return logits
+
+
+class UniformModel(nn.Module):
+    """Equal logits for every token."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*input_ids.shape, self.vocab)
 
 
 def test_mqar_generator_deterministic():
@@ -409,6 +450,79 @@ def test_entity_examples_structure(char_tokenizer):
         assert f"{queried} has a {thing}.\n" in text
         assert len(e["others"]) == 9
         assert e["answer"].tolist() not in [o.tolist() for o in e["others"]]
+
+
+def test_choice_log_likelihoods_match_token_nll():
+    """Candidate scores equal minus the summed per-token NLL of prompt + candidate, for candidates
+    of different lengths scored in one padded batch."""
+    model = tiny_model("GSA", vocab=32)
+    rng = np.random.default_rng(0)
+    prompts = torch.from_numpy(rng.integers(0, 32, size=(3, 20)))
+    choices = [[rng.integers(0, 32, size=n) for n in lengths] for lengths in ([1, 4], [3, 3, 2], [5])]
+    scores = choice_log_likelihoods(model, prompts, choices, batch_size=2)
+    for i, cands in enumerate(choices):
+        for j, cand in enumerate(cands):
+            row = torch.cat([prompts[i], torch.from_numpy(cand)])
+            with torch.no_grad():
+                log_probs = torch.log_softmax(model(row[None]).logits[0], dim=-1)
+            expected = sum(float(log_probs[t - 1, row[t]]) for t in range(len(prompts[i]), len(row)))
+            assert scores[i][j] == pytest.approx(expected, rel=1e-12, abs=1e-12)
+            assert float(token_nll(model, row[None], 1)[0, -len(cand):].sum()) == pytest.approx(-expected, rel=1e-6)
+
+
+def test_forced_choice_credit_ties_and_margin():
+    """The answer scoring highest earns 1, a tie of k earns 1/k, a loss 0; margins are answer - best other."""
+    result = forced_choice([np.array([-1.0, -2.0, -3.0]), np.array([-1.0, -1.0]), np.array([-5.0, -1.0, -1.0, -1.0])])
+    assert result["choice_accuracy"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+    assert result["choice_chance"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 4) / 3)
+    assert result["margin_nats"] == pytest.approx((1.0 + 0.0 - 4.0) / 3)
+
+
+@pytest.mark.parametrize("variant", ["single", "multi", "distractor"])
+def test_niah_forced_choice_oracle_and_uniform(char_tokenizer, variant):
+    """An induction-head oracle wins every forced choice and exact match; equal logits score
+    exactly chance. The foils are the other needles' values when the variant has them."""
+    corpus = np.asarray(char_tokenizer.encode(SHAKESPEARE.read_text(encoding="utf-8")[:20000]))
+    example = build_prompt(char_tokenizer, corpus, 300, 0.3, variant, 3, "word", np.random.default_rng(4), foils=3)
+    values = [char_tokenizer.decode(f) for f in example["foils"]]
+    assert len(values) == 3 and char_tokenizer.decode(example["answer"]) not in values
+    text = char_tokenizer.decode(example["prompt"])
+    if variant == "single":
+        assert not any(v.strip() in text for v in values)
+    else:
+        assert [char_tokenizer.decode(o) for o in example["others"]] == values
+
+    options = NIAHOptions(examples=2, foils=3, extra_needles=3)
+    oracle = evaluate_cell(SuffixCopyModel(char_tokenizer.vocab_size), char_tokenizer, corpus, 200, 0.5, variant,
+                           options, seed=[0])
+    assert oracle["accuracy"] == 1.0
+    assert oracle["choice_accuracy"] == 1.0
+    assert oracle["margin_nats"] > 10
+    uniform = evaluate_cell(UniformModel(char_tokenizer.vocab_size), char_tokenizer, corpus, 200, 0.5, variant,
+                            options, seed=[0])
+    assert uniform["choice_accuracy"] == pytest.approx(0.25)
+    assert uniform["choice_chance"] == pytest.approx(0.25)
+
+
+def test_entity_forced_choice_uses_other_entities(char_tokenizer):
+    """Entity foils are other entities' attributes from the prompt; the oracle wins every choice."""
+    haystack = np.asarray(char_tokenizer.encode(SHAKESPEARE.read_text(encoding="utf-8")[:5000]))
+    examples = build_entity_examples(char_tokenizer, haystack, 6, 20, 4, np.random.default_rng(2), foils=4)
+    for e in examples:
+        others = [o.tolist() for o in e["others"]]
+        assert len(e["foils"]) == 4
+        assert all(f.tolist() in others for f in e["foils"])
+    single = build_entity_examples(char_tokenizer, haystack, 1, 20, 2, np.random.default_rng(2), foils=4)
+    for e in single:
+        text = char_tokenizer.decode(e["prompt"])
+        assert len(e["foils"]) == 4
+        assert not any(f" {char_tokenizer.decode(f).strip()}." in text for f in e["foils"])
+    result = entity_tracking(SuffixCopyModel(char_tokenizer.vocab_size), char_tokenizer, haystack, [5], [16], 2,
+                             batch_size=4, seed=0, foils=4)
+    cell = result["cells"][0]
+    assert cell["accuracy"] == 1.0
+    assert cell["choice_accuracy"] == 1.0
+    assert cell["choice_chance"] == pytest.approx(0.2)
 
 
 def test_parse_options_types_and_errors():

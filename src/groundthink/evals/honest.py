@@ -9,7 +9,9 @@
    all tokens. Only the memory (or full attention) can carry such a repeat.
 3. Entity tracking: "X has a Y." for 5 to 50 entities, real distractor text, then the
    question "X has a". It reports accuracy by entity count and distance, and the confusion
-   rate (the model continues with another entity's attribute).
+   rate (the model continues with another entity's attribute). A forced choice scores the
+   right attribute against other entities' attributes from the same prompt, so a model
+   that copies any mentioned object without binding it to the name scores chance.
 4. Zero-shot associative recall: MQAR over the tokenizer's alphabetic tokens, for a model
    trained only on language modelling.
 """
@@ -29,8 +31,8 @@ from .ablation import ABLATIONS
 from .common import (EvalError, check_fraction, check_nonempty, check_positive, describe_model, format_table,
                      pyplot, save_figure, write_results)
 from .mqar import MQARTask, generate_mqar, query_correct
-from .text import (NAMES, OBJECTS, SPLITS, encode, encode_exact, greedy_continuations, load_text, perplexity,
-                   starts_with, token_nll, token_windows)
+from .text import (NAMES, OBJECTS, SPLITS, choice_log_likelihoods, encode, encode_exact, forced_choice,
+                   greedy_continuations, load_text, perplexity, starts_with, token_nll, token_windows)
 
 PARTS = ("state_ablation", "copy", "entities", "zero_shot_ar")
 
@@ -65,6 +67,9 @@ class HonestOptions:
     """Minimum tokens of real text between the facts and the question."""
     entity_examples: int = 16
     """Questions per (entity count, distractor length) cell."""
+    entity_foils: int = 4
+    """Other entities' attributes each answer competes with in the forced choice (fewer when
+    there are fewer other entities; a single entity competes with unmentioned objects)."""
     ar_pairs: tuple[int, ...] = (4, 8, 16)
     """Key-value pairs of the zero-shot recall test."""
     ar_seq_len: int = 128
@@ -79,8 +84,8 @@ class HonestOptions:
         unknown = sorted(set(self.parts) - set(PARTS))
         if unknown:
             raise EvalError(f"invalid parts {unknown}: choose from {PARTS}")
-        for name in ("seq_len", "max_windows", "batch_size", "match_tokens", "entity_examples", "ar_seq_len",
-                     "ar_examples"):
+        for name in ("seq_len", "max_windows", "batch_size", "match_tokens", "entity_examples", "entity_foils",
+                     "ar_seq_len", "ar_examples"):
             check_positive(name, getattr(self, name))
         check_fraction("ablation_position", self.ablation_position)
         if self.copy_distance < 0:
@@ -191,12 +196,13 @@ def copy_dependent(model: nn.Module, windows: torch.Tensor, distance: int, match
 # ---------------------------------------------------------------------------------------------
 
 def build_entity_examples(tokenizer, haystack: np.ndarray, count: int, distractor: int, n_examples: int,
-                          rng: np.random.Generator) -> list[dict[str, Any]]:
+                          rng: np.random.Generator, foils: int = 4) -> list[dict[str, Any]]:
     """Prompts "X has a Y.\\n" * count + real text + "\\nX has a", all of one length.
 
     The real text fills each prompt up to a common length, so it is at least `distractor`
-    tokens long. Each example records the answer " Y", the other entities' attributes and the
-    distance in tokens from the end of the asked fact to the end of the prompt.
+    tokens long. Each example records the answer " Y", the other entities' attributes, up to
+    `foils` of them drawn as forced-choice foils, and the distance in tokens from the end of
+    the asked fact to the end of the prompt.
     """
     drafts = []
     for _ in range(n_examples):
@@ -210,7 +216,8 @@ def build_entity_examples(tokenizer, haystack: np.ndarray, count: int, distracto
         question = encode_exact(tokenizer, f"\n{NAMES[names[asked]]} has a", "question")
         answers = [encode_exact(tokenizer, f" {OBJECTS[o]}", "answer") for o in objects]
         drafts.append({"facts": np.concatenate(fact_ids), "fact_end": fact_ends[asked], "question": question,
-                       "answer": answers[asked], "others": [a for i, a in enumerate(answers) if i != asked]})
+                       "answer": answers[asked], "others": [a for i, a in enumerate(answers) if i != asked],
+                       "objects": objects})
 
     length = max(len(d["facts"]) + len(d["question"]) for d in drafts) + distractor
     examples = []
@@ -223,17 +230,28 @@ def build_entity_examples(tokenizer, haystack: np.ndarray, count: int, distracto
         prompt = np.concatenate([d["facts"], haystack[start:start + filler], d["question"]])
         examples.append({"prompt": prompt, "answer": d["answer"], "others": d["others"],
                          "distance": int(length - d["fact_end"])})
+    # Foils are drawn after the prompts so that the prompts do not depend on `foils`.
+    for d, example in zip(drafts, examples):
+        if d["others"]:
+            picked = rng.choice(len(d["others"]), size=min(foils, len(d["others"])), replace=False)
+            example["foils"] = [d["others"][i] for i in picked]
+        else:
+            unused = [o for o in range(len(OBJECTS)) if o not in set(d["objects"].tolist())]
+            picked = rng.choice(unused, size=min(foils, len(unused)), replace=False)
+            example["foils"] = [encode_exact(tokenizer, f" {OBJECTS[o]}", "answer") for o in picked]
     return examples
 
 
 def entity_tracking(model: nn.Module, tokenizer, haystack: np.ndarray, counts: Sequence[int],
-                    distractors: Sequence[int], n_examples: int, batch_size: int, seed: int) -> dict[str, Any]:
-    """Greedy-answer accuracy and confusion rate by entity count and distractor length."""
+                    distractors: Sequence[int], n_examples: int, batch_size: int, seed: int,
+                    foils: int = 4) -> dict[str, Any]:
+    """Greedy-answer accuracy, confusion rate and forced-choice accuracy by entity count and
+    distractor length."""
     cells = []
     for count in counts:
         for distractor in distractors:
             rng = np.random.default_rng([seed, count, distractor])
-            examples = build_entity_examples(tokenizer, haystack, count, distractor, n_examples, rng)
+            examples = build_entity_examples(tokenizer, haystack, count, distractor, n_examples, rng, foils)
             prompts = torch.from_numpy(np.stack([e["prompt"] for e in examples]))
             longest = max(max(len(e["answer"]), *(len(o) for o in e["others"])) if e["others"] else len(e["answer"])
                           for e in examples)
@@ -244,6 +262,8 @@ def entity_tracking(model: nn.Module, tokenizer, haystack: np.ndarray, counts: S
             cells.append({"entities": count, "distractor_tokens": distractor, "examples": len(examples),
                           "prompt_tokens": int(prompts.shape[1]),
                           "accuracy": float(np.mean(correct)), "confusion_rate": float(np.mean(confused)),
+                          **forced_choice(choice_log_likelihoods(
+                              model, prompts, [[e["answer"], *e["foils"]] for e in examples], batch_size)),
                           "distances": [e["distance"] for e in examples], "correct": correct,
                           "confused": confused})
     return {"cells": cells, "by_distance": entity_accuracy_by_distance(cells)}
@@ -334,12 +354,15 @@ def run(model: nn.Module, tokenizer, options: HonestOptions, out_dir: Path, seed
 
     if "entities" in options.parts:
         part = entity_tracking(model, tokenizer, ids, options.entity_counts, options.distractor_tokens,
-                               options.entity_examples, options.batch_size, seed)
+                               options.entity_examples, options.batch_size, seed, options.entity_foils)
         results["entities"] = part
-        print(f"\nentity tracking ({pattern}), {options.entity_examples} questions per cell")
-        print(format_table(["entities", "distractor", "prompt tokens", "accuracy", "confusion"],
+        print(f"\nentity tracking ({pattern}), {options.entity_examples} questions per cell; forced choice "
+              f"against up to {options.entity_foils} other entities' attributes")
+        print(format_table(["entities", "distractor", "prompt tokens", "accuracy", "confusion", "choice",
+                            "chance", "margin"],
                            [[c["entities"], c["distractor_tokens"], c["prompt_tokens"], c["accuracy"],
-                             c["confusion_rate"]] for c in part["cells"]]))
+                             c["confusion_rate"], c["choice_accuracy"], c["choice_chance"], c["margin_nats"]]
+                            for c in part["cells"]]))
         print("by distance from the fact to the question (tokens)")
         print(format_table(["entities", "distance", "questions", "accuracy", "confusion"],
                            [[r["entities"], f"[{r['min_distance']}, {r['max_distance']})", r["questions"],
@@ -398,7 +421,8 @@ def plot_ablation(part: dict[str, Any], pattern: str, path: Path) -> Path | None
 
 
 def plot_entities(part: dict[str, Any], pattern: str, path: Path) -> Path:
-    """Accuracy and confusion rate against the entity count, one line per distractor length."""
+    """Accuracy, confusion rate and forced-choice accuracy against the entity count, one line per
+    distractor length."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for distractor in sorted({c["distractor_tokens"] for c in part["cells"]}):
@@ -407,6 +431,11 @@ def plot_entities(part: dict[str, Any], pattern: str, path: Path) -> Path:
                 label=f"accuracy, {distractor}+ distractor tokens")
         ax.plot([c["entities"] for c in row], [c["confusion_rate"] for c in row], marker="x", linestyle="--",
                 label=f"confusion, {distractor}+ distractor tokens")
+        ax.plot([c["entities"] for c in row], [c["choice_accuracy"] for c in row], marker="s", linestyle=":",
+                label=f"forced choice, {distractor}+ distractor tokens")
+    counts = sorted({c["entities"] for c in part["cells"]})
+    chance = [next(c["choice_chance"] for c in part["cells"] if c["entities"] == n) for n in counts]
+    ax.plot(counts, chance, color="gray", linestyle="--", label="forced-choice chance")
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("entities")
     ax.set_ylabel("rate")

@@ -5,6 +5,13 @@ context, 1 = end) into real text, the prompt ends with "\\nThe passkey of <name>
 model must continue with " <value>" (greedy decoding, exact match). Accuracy is reported per
 (context length, depth) cell and drawn as a heat map.
 
+Exact match stays at zero for small models long before they stop using the needle, so each
+prompt is also scored as a forced choice: the log-likelihood of " <value>" against `foils`
+wrong values. The foils are the other needles' values where the variant has them (a model
+that copies any passkey without binding it to the name scores chance) and fresh random
+values otherwise. choice_accuracy (chance 1 / (foils + 1)) and the margin in nats are
+reported beside the accuracy.
+
 Variants:
 - single: one needle;
 - multi: the queried needle at depth d plus `extra_needles` needles of other names at random depths;
@@ -29,7 +36,8 @@ import torch.nn as nn
 
 from .common import (EvalError, check_fraction, check_nonempty, check_positive, describe_model, format_table,
                      heatmap, write_results)
-from .text import NAMES, SPLITS, encode, encode_exact, greedy_continuations, load_text, starts_with
+from .text import (NAMES, SPLITS, choice_log_likelihoods, encode, encode_exact, forced_choice, greedy_continuations,
+                   load_text, starts_with)
 
 VARIANTS = ("single", "multi", "distractor")
 VALUE_KINDS = ("word", "number")
@@ -57,6 +65,8 @@ class NIAHOptions:
     """word: 5 random lowercase letters; number: 5 random digits (the tokenizer must know digits)."""
     examples: int = 8
     """Prompts per (variant, context length, depth) cell."""
+    foils: int = 3
+    """Wrong values each answer competes with in the forced choice."""
     batch_size: int = 8
     """Prompts per forward pass."""
 
@@ -78,6 +88,7 @@ class NIAHOptions:
         if not 0 <= self.extra_needles < len(NAMES):
             raise EvalError(f"invalid extra_needles={self.extra_needles!r}: must lie in [0, {len(NAMES) - 1}]")
         check_positive("examples", self.examples)
+        check_positive("foils", self.foils)
         check_positive("batch_size", self.batch_size)
 
 
@@ -116,9 +127,9 @@ def insertion_point(starts: np.ndarray, length: int, depth: float) -> int:
 
 
 def build_prompt(tokenizer, corpus: np.ndarray, length: int, depth: float, variant: str, extra: int,
-                 value_kind: str, rng: np.random.Generator) -> dict[str, Any]:
-    """Build one needle-in-a-haystack prompt of exactly `length` tokens, with the expected value and the
-    values of the other needles."""
+                 value_kind: str, rng: np.random.Generator, foils: int = 3) -> dict[str, Any]:
+    """Build one needle-in-a-haystack prompt of exactly `length` tokens, with the expected value, the
+    values of the other needles and `foils` wrong values for the forced choice."""
     # 1. Needles: the queried one and, per variant, others with other or similar names.
     name = str(rng.choice(NAMES))
     value = random_value(value_kind, rng)
@@ -167,22 +178,34 @@ def build_prompt(tokenizer, corpus: np.ndarray, length: int, depth: float, varia
         cursor = point
     pieces += [haystack[cursor:], question]
     prompt = np.concatenate(pieces)
-    return {"prompt": prompt, "answer": answer, "others": other_answers}
+
+    # 4. Foils: the other needles' values first, then fresh values that occur in no needle.
+    wrong = [v for _, v in others][:foils]
+    while len(wrong) < foils:
+        candidate = random_value(value_kind, rng)
+        if candidate != value and candidate not in wrong and all(candidate != v for _, v in others):
+            wrong.append(candidate)
+    foil_ids = [encode_exact(tokenizer, f" {v}", "value") for v in wrong]
+    return {"prompt": prompt, "answer": answer, "others": other_answers, "foils": foil_ids}
 
 
 def evaluate_cell(model: nn.Module, tokenizer, corpus: np.ndarray, length: int, depth: float, variant: str,
                   options: NIAHOptions, seed: Sequence[int]) -> dict[str, Any]:
     """Accuracy and confusion rate of `options.examples` prompts of one cell."""
     rng = np.random.default_rng(seed)
-    examples = [build_prompt(tokenizer, corpus, length, depth, variant, options.extra_needles, options.value_kind, rng)
+    examples = [build_prompt(tokenizer, corpus, length, depth, variant, options.extra_needles, options.value_kind, rng,
+                             options.foils)
                 for _ in range(options.examples)]
     prompts = torch.from_numpy(np.stack([e["prompt"] for e in examples]))
     longest = max(len(a) for e in examples for a in [e["answer"], *e["others"]])
     generated = greedy_continuations(model, prompts, longest, options.batch_size).tolist()
     correct = [starts_with(g, e["answer"]) for g, e in zip(generated, examples)]
     confused = [not c and any(starts_with(g, o) for o in e["others"]) for g, c, e in zip(generated, correct, examples)]
+    scores = choice_log_likelihoods(model, prompts, [[e["answer"], *e["foils"]] for e in examples],
+                                    options.batch_size)
     return {"variant": variant, "context_length": length, "depth": depth, "examples": len(examples),
-            "accuracy": float(np.mean(correct)), "confusion_rate": float(np.mean(confused))}
+            "accuracy": float(np.mean(correct)), "confusion_rate": float(np.mean(confused)),
+            **forced_choice(scores)}
 
 
 def run(model: nn.Module, tokenizer, options: NIAHOptions, out_dir: Path, seed: int,
@@ -203,16 +226,27 @@ def run(model: nn.Module, tokenizer, options: NIAHOptions, out_dir: Path, seed: 
                                            seed=[seed, v, length, d]))
 
         rows = [c for c in cells if c["variant"] == variant]
-        grid = np.array([[next(c["accuracy"] for c in rows if c["context_length"] == n and c["depth"] == depth)
-                          for n in options.context_lengths] for depth in options.depths])
+
+        def grid(key: str) -> np.ndarray:
+            return np.array([[next(c[key] for c in rows if c["context_length"] == n and c["depth"] == depth)
+                              for n in options.context_lengths] for depth in options.depths])
+
+        columns = ["depth"] + [str(n) for n in options.context_lengths]
+        accuracy, choice = grid("accuracy"), grid("choice_accuracy")
         print(f"\nneedle in a haystack ({pattern}), variant {variant}: accuracy, rows = depth, columns = context length")
-        print(format_table(["depth"] + [str(n) for n in options.context_lengths],
-                           [[depth, *grid[i]] for i, depth in enumerate(options.depths)]))
+        print(format_table(columns, [[depth, *accuracy[i]] for i, depth in enumerate(options.depths)]))
         if variant != "single":
             confusion = float(np.mean([c["confusion_rate"] for c in rows]))
             print(f"mean confusion rate (answered another needle's value): {confusion:.3f}")
-        heatmap(grid, options.depths, options.context_lengths, f"NIAH {variant}, {pattern}",
+        chance = rows[0]["choice_chance"]
+        print(f"forced choice against {options.foils} foils (chance {chance:.3f}): choice accuracy, "
+              f"mean margin {np.mean([c['margin_nats'] for c in rows]):+.3f} nats")
+        print(format_table(columns, [[depth, *choice[i]] for i, depth in enumerate(options.depths)]))
+        heatmap(accuracy, options.depths, options.context_lengths, f"NIAH {variant}, {pattern}",
                 "context length (tokens)", "needle depth", out_dir / f"niah_{variant}.png")
+        heatmap(choice, options.depths, options.context_lengths,
+                f"NIAH {variant} forced choice, {pattern} (chance {chance:.2f})",
+                "context length (tokens)", "needle depth", out_dir / f"niah_{variant}_choice.png")
 
     results = {"suite": "niah", "seed": seed, "options": asdict(options), "model": describe_model(model),
                "cells": cells, "seconds": time.perf_counter() - start}

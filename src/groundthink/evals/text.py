@@ -1,11 +1,12 @@
-"""Real-text helpers of the text suites: corpus splits, token windows, per-token loss, greedy decoding."""
+"""Real-text helpers of the text suites: corpus splits, token windows, per-token loss, greedy
+decoding and forced-choice scoring."""
 
 from __future__ import annotations
 
 import math
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -141,3 +142,61 @@ def greedy_continuations(model: nn.Module, prompts: torch.Tensor, n_tokens: int,
 def starts_with(generated: Sequence[int], expected: Sequence[int]) -> bool:
     """Return whether the generated ids begin with the expected ids."""
     return len(generated) >= len(expected) and list(generated[: len(expected)]) == list(expected)
+
+
+@torch.no_grad()
+def choice_log_likelihoods(model: nn.Module, prompts: torch.Tensor, choices: Sequence[Sequence[np.ndarray]],
+                           batch_size: int) -> list[np.ndarray]:
+    """Log-likelihood (nats, summed over tokens) of each candidate continuation of each prompt.
+
+    prompts is [n, P]; choices[i] holds the candidate id arrays of prompt i. Every (prompt,
+    candidate) pair is one row of prompt + candidate, right-padded to the longest candidate;
+    the model is causal, so the padding does not change the scored positions. Returns one
+    float64 array per prompt, in the order of its candidates.
+    """
+    if len(choices) != prompts.shape[0]:
+        raise EvalError(f"{len(choices)} candidate lists for {prompts.shape[0]} prompts; pass one list per prompt")
+    owners = [(i, j) for i, cands in enumerate(choices) for j in range(len(cands))]
+    longest = max(len(c) for cands in choices for c in cands)
+    n_prompt = prompts.shape[1]
+    rows = torch.zeros(len(owners), n_prompt + longest, dtype=torch.long)
+    mask = torch.zeros(len(owners), longest, dtype=torch.bool)
+    for r, (i, j) in enumerate(owners):
+        candidate = torch.as_tensor(np.asarray(choices[i][j], dtype=np.int64))
+        rows[r, :n_prompt] = prompts[i]
+        rows[r, n_prompt:n_prompt + len(candidate)] = candidate
+        mask[r, :len(candidate)] = True
+    scores = []
+    for start in range(0, len(owners), batch_size):
+        ids = rows[start:start + batch_size]
+        # Logits at positions P - 1 ... P + longest - 2 predict the candidate tokens.
+        logits = model_logits(model, ids[:, :-1])[:, n_prompt - 1:]
+        # Half-precision logits are scored in float32; float32 and float64 keep their precision.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        log_probs = torch.log_softmax(logits, dim=-1).cpu()
+        picked = log_probs.gather(-1, ids[:, n_prompt:, None]).squeeze(-1)
+        scores.append((picked.double() * mask[start:start + batch_size]).sum(dim=1))
+    flat = torch.cat(scores).numpy()
+    out, cursor = [], 0
+    for cands in choices:
+        out.append(flat[cursor:cursor + len(cands)])
+        cursor += len(cands)
+    return out
+
+
+def forced_choice(scores: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Summaries of candidate log-likelihoods whose first entry is the right answer.
+
+    choice_accuracy averages, over prompts, 1 / (candidates tied at the top) when the answer is
+    among them and 0 otherwise, so a model that scores every candidate alike gets exactly the
+    chance level 1 / candidates. margin_nats is the mean of log p(answer) - max log p(other).
+    """
+    credit, margins = [], []
+    for s in scores:
+        best = s.max()
+        credit.append(1.0 / int((s == best).sum()) if s[0] == best else 0.0)
+        if len(s) > 1:
+            margins.append(float(s[0] - s[1:].max()))
+    return {"choice_accuracy": float(np.mean(credit)),
+            "choice_chance": float(np.mean([1.0 / len(s) for s in scores])),
+            "margin_nats": float(np.mean(margins)) if margins else float("nan")}
