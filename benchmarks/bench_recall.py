@@ -26,12 +26,14 @@ one summary table over them:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import platform
 import sys
 import time
+import tomllib
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
@@ -69,8 +71,23 @@ def build_model(pattern: str, args: argparse.Namespace) -> GroundThinkLM:
                                head_dim=args.head_dim, expand_v=args.expand_v, layer_pattern=pattern,
                                window_size=args.window, memory_block=args.memory_block, chunk_size=args.chunk,
                                dt_min=args.dt_min, dt_max=args.dt_max, decay_a_min=args.decay_a_min,
-                               decay_a_max=args.decay_a_max)
+                               decay_a_max=args.decay_a_max, **args.model_options)
     return GroundThinkLM(config)
+
+
+def parse_model_options(items: list[str]) -> dict:
+    """KEY=VALUE items with TOML values (true, 2.5, "replace") into GroundThinkConfig keyword arguments."""
+    fields = {f.name for f in dataclasses.fields(GroundThinkConfig)}
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"invalid --model-option {item!r}: use KEY=VALUE with KEY a GroundThinkConfig field")
+        try:
+            options[key] = tomllib.loads(f"value = {value}")["value"]
+        except tomllib.TOMLDecodeError:
+            raise SystemExit(f"invalid --model-option {item!r}: the value must be TOML, e.g. true, 2.5 or '\"replace\"'")
+    return options
 
 
 def ablated_accuracy(model: GroundThinkLM, task: MQARTask, examples: int, seed: int) -> dict:
@@ -300,6 +317,8 @@ def main() -> None:
                         help=f"training tasks T:N:weight[:start],... where start is the fraction of updates before "
                              f"the task enters; zoology ({ZOOLOGY_MIXTURE}) or none (target task only); "
                              f"default {CURRICULUM}")
+    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other GroundThinkConfig field, with a TOML value (repeatable), e.g. slot_norm=true")
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--n-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64, help="GDN key dim K (memory slots per head)")
@@ -335,6 +354,7 @@ def main() -> None:
         run_text_comparison(args)
         return
     args.sweep_pairs = [int(n) for n in args.sweep_pairs.split(",")]
+    args.model_options = parse_model_options(args.model_option)
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -350,7 +370,9 @@ def main() -> None:
     # Models already in OUT/results.json with the same settings are kept, so an interrupted
     # comparison continues and patterns can be added later.
     settings = {k: v for k, v in vars(args).items() if k not in (
-        "patterns", "out", "threads", "retest", "text_runs", "text", "niah_option", "honest_option")}
+        "patterns", "out", "threads", "retest", "text_runs", "text", "niah_option", "honest_option", "model_option")}
+    if not settings["model_options"]:
+        del settings["model_options"]     # keeps results written before the option existed comparable
     results, commands = load_previous(out_dir / "results.json", settings)
     commands.append(" ".join(sys.argv))
     for pattern in args.patterns.split(","):

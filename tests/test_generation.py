@@ -108,6 +108,18 @@ def test_without_short_conv_or_output_gate():
     assert_close(decoded, reference_logits(model, ids), 1e-9, "no short conv, no output gate")
 
 
+def test_slot_norm_steps_match_forward():
+    """Guards against the decoding read (read_snapshot) skipping the slot norm of the parallel read."""
+    model = make_model("GGSS", slot_norm=True)
+    with torch.no_grad():
+        for block in model.blocks:
+            if getattr(block.mixer, "slot_norm", None) is not None:
+                block.mixer.slot_norm.weight.uniform_(0.5, 2.0)
+    ids = torch.randint(0, VOCAB, (2, 3 * M + 5))
+    decoded = decode_pieces(model, ids, [M + 3, 2])
+    assert_close(decoded, reference_logits(model, ids), 1e-9, "slot_norm")
+
+
 def test_float32_steps_match_forward():
     """Guards against float32 decoding drifting from the parallel forward beyond rounding."""
     model = make_model("GSGS", dtype=torch.float32)

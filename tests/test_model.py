@@ -51,6 +51,13 @@ def max_prefix_change(model: GroundThinkLM, T: int, t: int) -> float:
 PATTERNS = ["G", "S", "A", "GS", "SG", "GSGS", "GGSS", "GGGG", "AAAA"]
 
 
+def test_causality_with_slot_norm():
+    """Normalising the slots keeps the block-start read causal."""
+    model = tiny_model("GGSS", slot_norm=True)
+    for t in (1, 7, 8, 9, 17):
+        assert max_prefix_change(model, 24, t) == 0.0, t
+
+
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("mode", ["replace", "mean", "weighted"])
 def test_causality(pattern, mode):
@@ -158,6 +165,29 @@ def test_global_pathway_reads_block_start_state(mode):
     assert swa["slot_weights"].shape == (2, T, 2, 8)
     assert_close(swa["slot_weights"].sum(-1), torch.ones(2, T, 2, dtype=torch.float64), 1e-12, "slot weights sum")
     assert swa["gate"].shape == (2, T, 2)
+
+
+def test_slot_norm_makes_the_read_scale_free():
+    """With slot_norm the slot attention reads a memory and 0.01 times it alike, because each slot
+    is RMS-normalised. Without it the smaller memory gives visibly flatter slot weights."""
+    torch.manual_seed(0)
+    B, T, H, M = 2, 16, 2, 8
+    q = torch.randn(B, T, H, 16, dtype=torch.float64)
+    memory = torch.randn(B, T // M, H, 8, 16, dtype=torch.float64)
+    for slot_norm in (True, False):
+        # A tiny norm_eps, so that eps does not set a scale of its own at 0.01 times the memory.
+        model = tiny_model("GS", slot_norm=slot_norm, norm_eps=1e-15)
+        swa = model.blocks[1].mixer
+        with torch.no_grad():
+            swa.state_k_proj.weight.normal_(0, 1.0)
+            full, weights = swa.read_memory(q, memory)
+            small, small_weights = swa.read_memory(q, 0.01 * memory)
+            snapshot = swa.read_snapshot(q[:, :M], 0.01 * memory[:, 0])
+        assert_close(snapshot, small[:, :M], 1e-12, "read_snapshot against read_memory")
+        if slot_norm:
+            assert_close(small, full, 1e-9, "read of the scaled memory")
+        else:
+            assert (small_weights.max(-1).values < weights.max(-1).values).float().mean() > 0.9
 
 
 def test_accumulation_modes_combine_gdn_layers():

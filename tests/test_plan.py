@@ -38,9 +38,10 @@ def test_parameter_counts_equal_model_grid():
     """Guards against the analytic count drifting from the layers (a new projection, bias or norm)."""
     grid = itertools.product(["GSGS", "GGSS", "SGAS", "AAAA", "GGGG", "G"], [1.0, 1.5, 2.0], [True, False],
                              [True, False], [True, False], ["replace", "mean", "weighted"])
-    for pattern, expand_v, short_conv, output_gate, tie, accumulation in grid:
+    for i, (pattern, expand_v, short_conv, output_gate, tie, accumulation) in enumerate(grid):
         config = tiny(layer_pattern=pattern, expand_v=expand_v, use_short_conv=short_conv,
-                      use_output_gate=output_gate, tie_embeddings=tie, state_accumulation=accumulation)
+                      use_output_gate=output_gate, tie_embeddings=tie, state_accumulation=accumulation,
+                      slot_norm=i % 2 == 0)
         expected = GroundThinkLM(config).parameter_counts()
         assert parameter_counts(config) == expected, config
 
@@ -83,6 +84,9 @@ ACTIVATION_CASES = [
     (dict(use_short_conv=False, use_output_gate=False), 2, 48),
     (dict(layer_pattern="AAAA"), 3, 24),
     (dict(n_heads=1, d_model=16), 2, 40),
+    (dict(slot_norm=True), 2, 40),
+    (dict(layer_pattern="GGSGS", slot_norm=True), 2, 40),
+    (dict(layer_pattern="GGSS", state_accumulation="mean", slot_norm=True), 2, 33),
 ]
 
 

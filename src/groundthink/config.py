@@ -52,6 +52,9 @@ class GroundThinkConfig:
     """Initial weight w of a new GDN layer's memory in the weighted mix, in (0, 1)."""
     global_gate_bias: float = 1.0
     """Initial bias of the SWA gate (logit); positive favours the global pathway."""
+    slot_norm: bool = False
+    """RMSNorm (learned weight over V) on each memory slot before state_k_proj and
+    state_v_proj, so that slot scores do not shrink with the memory's magnitude."""
     beta_bias: float = 0.0
     """Initial bias of the GDN write-strength logit: beta = sigmoid(W_b x + beta_bias)."""
     decay_a_min: float = 1.0

@@ -111,6 +111,8 @@ def swa_parameters(config: GroundThinkConfig, has_memory: bool) -> int:
     count = 4 * D * D
     if has_memory:
         count += 2 * V * config.attn_head_dim + D * H + H
+        if config.slot_norm:
+            count += V                                 # slot_norm weight
     return count
 
 
@@ -328,7 +330,14 @@ def swa_saved(config: GroundThinkConfig, s: _Sizes, has_memory: bool, memory_cop
 
     # Global path: slot attention over the block-start memory, then the gate.
     memory = s.B * s.Nm * s.H * s.K * s.V
-    t.add("memory copies for slot key/value maps", memory_copies * memory, FLOAT32)
+    if config.slot_norm:
+        # The norm keeps its input (counted in memory_copies), 1/rms and the normalised slots;
+        # a contiguous copy of its output feeds both maps.
+        t.add("memory kept by the slot norm", memory_copies * memory, FLOAT32)
+        t.add("slot norm 1/rms", s.B * s.Nm * s.H * s.K, FLOAT32)
+        t.add("slot norm normalised, contiguous output", 2 * memory, FLOAT32)
+    else:
+        t.add("memory copies for slot key/value maps", memory_copies * memory, FLOAT32)
     t.add("slot keys and values", 2 * s.B * s.Nm * s.H * s.K * s.d, FLOAT32)
     t.add("slot query (blocked copy)", s.B * s.Tm * s.D, FLOAT32)
     t.add("slot weights (softmax, blocked copy)", 2 * s.B * s.Tm * s.H * s.K, FLOAT32)
@@ -366,7 +375,8 @@ def _memory_copies(config: GroundThinkConfig, s: _Sizes) -> tuple[list[int], lis
     """Memory storages [B, N_M, H, K, V] kept for backward: per SWA layer (the inputs of its slot
     key/value maps) and per GDN layer (weighted mixing saves the running memory it scales).
 
-    The block states are a strided view of the chunk states [B, H, N, K, V]. The slot maps take
+    The block states are a strided view of the chunk states [B, H, N, K, V]. With slot_norm the
+    norm reads that memory as it is and writes a contiguous copy for the maps. Otherwise the slot maps take
     the memory as a [B * N_M * H * K, V] matrix, which is a view only when N = 1 or (H = 1 and
     M = C); otherwise each map makes its own copy. A mixed memory (mean or weighted over
     several GDN layers) is a new tensor, contiguous when M > C, and SWA layers that read the same
@@ -382,12 +392,18 @@ def _memory_copies(config: GroundThinkConfig, s: _Sizes) -> tuple[list[int], lis
     for i, role in enumerate(roles):
         if role["type"] == "gdn" and role["feeds_memory"]:
             feeding += 1
-            counted_mixed = False
             if config.state_accumulation == "weighted" and feeding >= 3:
-                gdn_extra[i] = 1            # (1 - w) * memory saves the previous mixed memory
+                # (1 - w) * memory saves the previous mixed memory, unless a slot norm kept it already.
+                gdn_extra[i] = 0 if config.slot_norm and counted_mixed else 1
+            counted_mixed = False
         elif role["type"] == "swa" and role["has_memory"]:
             mixed = config.state_accumulation != "replace" and feeding >= 2
-            if mixed and mixed_is_flat:
+            if config.slot_norm:
+                # The norm reads the memory in any layout: a view of chunk states costs nothing,
+                # a mixed memory is kept once by the first SWA layer that reads it.
+                per_layer[i] = 1 if mixed and not counted_mixed else 0
+                counted_mixed = counted_mixed or mixed
+            elif mixed and mixed_is_flat:
                 per_layer[i] = 0 if counted_mixed else 1
                 counted_mixed = True
             elif not mixed and view_is_flat:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ..config import GroundThinkConfig
 from ..generation import SWACache
+from .norm import RMSNorm
 from .rope import apply_rope, rope_angles
 
 
@@ -73,9 +74,17 @@ class SlidingWindowAttention(nn.Module):
         self.o_proj = nn.Linear(D, D, bias=False)
         if has_memory:
             V = config.value_dim
+            self.slot_norm = RMSNorm(V, config.norm_eps) if config.slot_norm else None
             self.state_k_proj = nn.Linear(V, self.head_dim, bias=False)
             self.state_v_proj = nn.Linear(V, self.head_dim, bias=False)
             self.gate_proj = nn.Linear(D, H, bias=True)
+
+    def slots(self, memory: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Return the K slots [..., K, V] of memory as the slot maps read them, in dtype."""
+        memory = memory.to(dtype)
+        # The block-start memory is a strided view of the chunk states, and the norm keeps that
+        # layout. One contiguous copy here spares each slot map a copy of its own.
+        return memory if self.slot_norm is None else self.slot_norm(memory).contiguous()
 
     @torch.no_grad()
     def reset_gates(self) -> None:
@@ -90,8 +99,9 @@ class SlidingWindowAttention(nn.Module):
         B, T, H, d = q.shape
         N, M = memory.shape[1], self.memory_block
 
-        slot_keys = self.state_k_proj(memory.to(q.dtype))                         # [B, N, H, K, d]
-        slot_values = self.state_v_proj(memory.to(q.dtype))                       # [B, N, H, K, d]
+        memory = self.slots(memory, q.dtype)
+        slot_keys = self.state_k_proj(memory)                                      # [B, N, H, K, d]
+        slot_values = self.state_v_proj(memory)                                    # [B, N, H, K, d]
         q_blocks = F.pad(q, (0, 0, 0, 0, 0, N * M - T)).view(B, N, M, H, d)
         scores = torch.einsum("bnmhd,bnhkd->bnmhk", q_blocks, slot_keys) * d ** -0.5
         # Softmax in at least float32: bf16 logits over K slots round the weights visibly.
@@ -239,7 +249,7 @@ class SlidingWindowAttention(nn.Module):
         per head instead of O(K V d) for projecting every slot.
         """
         d = q.shape[-1]
-        memory = memory.to(q.dtype)
+        memory = self.slots(memory, q.dtype)
         q_slots = q @ self.state_k_proj.weight                                     # [B, T, H, V]
         scores = torch.einsum("bthv,bhkv->bthk", q_slots, memory) * d ** -0.5
         weights = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(dim=-1).to(q.dtype)
