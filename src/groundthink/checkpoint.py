@@ -25,7 +25,6 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 
-from groundthink.atomic import atomic_write, atomic_write_text, fsync_dir
+from groundthink.atomic import apply_file_mode, atomic_write, atomic_write_text, fsync_dir, make_temp_dir
 from groundthink.config import ConfigError, GroundThinkConfig
 from groundthink.model import GroundThinkLM
 from groundthink.tokenizer import Tokenizer, TokenizerError, load_tokenizer
@@ -99,6 +98,7 @@ def _write_weights(path: Path, model: torch.nn.Module) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         save_model(model, str(tmp), metadata={"format": "pt"})
+        apply_file_mode(tmp)  # safetensors creates the file with mode 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -129,7 +129,7 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: torch.nn.Module, token
     for stale in root.glob("ckpt.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
 
-    tmp = Path(tempfile.mkdtemp(prefix="ckpt.tmp-", dir=root))
+    tmp = make_temp_dir("ckpt.tmp-", root)
     try:
         # 1. Every file through a temporary name, fsync and rename.
         _write_weights(tmp / WEIGHTS, model)
