@@ -142,3 +142,19 @@ def test_missing_checkpoint(tmp_path):
     (tmp_path / "empty-run").mkdir()
     with pytest.raises(CheckpointError, match="no checkpoint in"):
         load_checkpoint(tmp_path / "empty-run")
+
+
+def test_unpadded_step_name_and_listing(tmp_path):
+    """checkpoints/step-20 loads step-00000020; a missing step lists the run's checkpoints, or reports that there are none."""
+    model, tokenizer, run_config = tiny()
+    for step in (10, 20):
+        save(tmp_path, model, tokenizer, run_config, step=step)
+    root = tmp_path / "checkpoints"
+    assert load_checkpoint(root / "step-20")[3]["step"] == 20
+    with pytest.raises(CheckpointError, match=r"step-5; .* has .*step-00000010, .*step-00000020$"):
+        load_checkpoint(root / "step-5")
+    with pytest.raises(CheckpointError, match=r"step-00000010, .*step-00000020$"):
+        load_checkpoint(tmp_path / "step-10")
+    (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="fresh has no complete checkpoint yet"):
+        load_checkpoint(tmp_path / "fresh" / "checkpoints" / "step-1")

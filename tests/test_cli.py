@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from groundthink.checkpoint import load_checkpoint
 from groundthink.cli import COMMANDS, EVAL_SUITES, main
 
 from conftest import REPO, SHARED_DATA
@@ -79,6 +82,91 @@ def test_resume_through_cli(text_file, tmp_path, capsys):
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 6
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000006"
+
+
+def mqar_args(run_dir: Path, *extra: str) -> list[str]:
+    return ["-q", "train", "--task", "mqar", "--out", str(run_dir), "--set", "train.num_threads=1", *extra]
+
+
+def test_mqar_run_folder_and_exact_resume(tmp_path, capsys):
+    """`train --task mqar` writes config.json and metrics.jsonl, and --resume repeats the uninterrupted run."""
+    task = ["--config", str(REPO / "configs" / "tiny.toml"), "--mqar", "vocab_size=32", "--mqar", "seq_len=32",
+            "--mqar", "num_pairs=4", "--set", "train.eval_interval=2", "--set", "train.save_interval=4",
+            "--set", "train.keep_checkpoints=3"]
+    full = tmp_path / "full"
+    assert main(mqar_args(full, *task, "--set", "train.max_steps=8")) == 0
+    saved = json.loads((full / "config.json").read_text())
+    assert saved["mqar"]["task"] == {"vocab_size": 32, "seq_len": 32, "num_pairs": 4, "power_a": 0.01,
+                                     "random_non_queries": True}
+    assert saved["train"]["max_steps"] == 8 and "data" not in saved
+    assert not (full / "samples.txt").exists(), "MQAR ids have no text to sample"
+    records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+
+    # Stopped after the step-4 checkpoint, with metrics written past it; then resumed to 8 and on to 10.
+    part = tmp_path / "part"
+    assert main(mqar_args(part, *task, "--set", "train.max_steps=8")) == 0
+    shutil.rmtree(part / "checkpoints" / "step-00000008")
+    (part / "checkpoints" / "latest").write_text("step-00000004\n")
+    assert main(mqar_args(part, "--resume")) == 0
+    resumed = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"], r["eval_accuracy"]) for r in resumed] == \
+        [(r["step"], r["loss"], r["eval_accuracy"]) for r in records], "resumed losses equal the full run's"
+    a, b = load_checkpoint(full)[0], load_checkpoint(part)[0]
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), f"{name} differs after resume"
+    assert main(["-q", "train", "--out", str(part), "--resume", "--set", "train.max_steps=10"]) == 0
+    assert (part / "checkpoints" / "latest").read_text().strip() == "step-00000010"
+    capsys.readouterr()
+    assert main(mqar_args(part, "--resume", "--mqar", "num_pairs=8")) == 1
+    assert "drop --mqar" in capsys.readouterr().err
+    assert main(["-q", "train", "--task", "text", "--out", str(part), "--resume"]) == 1
+    assert "holds a --task mqar run; drop --task text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["text", "mqar"])
+def test_run_folder_without_checkpoint_refused(task, text_file, tmp_path, capsys):
+    """A folder left by a run stopped before its first checkpoint is not silently mixed with a new run."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}\n")
+    (run_dir / "metrics.jsonl").write_text('{"step": 5}\n')
+    data = ["--data", str(text_file)] if task == "text" else ["--mqar", "vocab_size=32", "--mqar", "seq_len=32",
+                                                             "--mqar", "num_pairs=4"]
+    code = main(["train", "--task", task, "--config", str(REPO / "configs" / "tiny.toml"), *data,
+                 "--out", str(run_dir), "--set", "train.max_steps=2", *common_args(tmp_path)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"run folder {run_dir} already holds config.json, metrics.jsonl" in err
+    assert "pass another --out, or delete the folder" in err
+    assert (run_dir / "config.json").read_text() == "{}\n"
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 5}\n'
+
+
+@pytest.mark.parametrize("content", [b"", b"  \n", b"\x00\x01binary\x00"])
+def test_failed_start_leaves_no_run_folder(content, tmp_path, monkeypatch, capsys):
+    """Bad --data stops `train` before the default runs/<date>-<time> folder is created."""
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["train", "--config", str(REPO / "configs" / "tiny.toml"), "--data", str(bad),
+                 *common_args(tmp_path)]) == 1
+    assert "bad.txt" in capsys.readouterr().err
+    assert not (work / "runs").exists() or not any((work / "runs").iterdir())
+
+
+def test_eval_unpadded_step_folder(text_file, tmp_path, capsys):
+    """`eval RUN/checkpoints/step-2` finds step-00000002; a missing step lists the run's checkpoints."""
+    run_dir = tmp_path / "run"
+    assert main(["-q", "train", "--config", str(REPO / "configs" / "tiny.toml"), "--data", str(text_file),
+                 "--out", str(run_dir), "--set", "train.max_steps=2", *common_args(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run_dir / "checkpoints" / "step-2"), "--json", "--max-tokens", "200"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 2
+    assert main(["eval", str(run_dir / "checkpoints" / "step-50")]) == 1
+    assert f"{run_dir} has {run_dir / 'checkpoints' / 'step-00000002'}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

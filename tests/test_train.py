@@ -14,8 +14,9 @@ from groundthink import GroundThinkConfig, GroundThinkLM
 from groundthink import train as train_module
 from groundthink.checkpoint import CheckpointError, load_checkpoint
 from groundthink.config import ConfigError
-from groundthink.train import (RunConfig, TrainConfig, enable_activation_checkpointing, learning_rate,
-                               load_run_config, parameter_groups, parse_override, train)
+from groundthink.data import DataError
+from groundthink.train import (RunConfig, TrainConfig, check_new_run_folder, enable_activation_checkpointing,
+                               learning_rate, load_run_config, parameter_groups, parse_override, train)
 
 from conftest import REPO, SHARED_DATA
 
@@ -86,6 +87,30 @@ def test_existing_run_folder_needs_resume(text_file, tmp_path):
     train(run, tmp_path / "run")
     with pytest.raises(CheckpointError, match="already contains checkpoints; pass --resume"):
         train(run, tmp_path / "run")
+
+
+def test_failed_start_creates_no_folder(tmp_path):
+    """Data that fails its checks stops the run before the run folder exists."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    run = load_run_config(REPO / "configs" / "tiny.toml", [f"data.path={json.dumps(str(empty))}",
+                                                            f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}"])
+    with pytest.raises(DataError, match="is empty"):
+        train(run, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_new_run_folder(tmp_path):
+    check_new_run_folder(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    check_new_run_folder(tmp_path / "empty")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "metrics.jsonl").write_text("")
+    with pytest.raises(CheckpointError, match=r"already holds metrics.jsonl .*pass another --out, or delete"):
+        check_new_run_folder(tmp_path / "used")
+    (tmp_path / "used" / "checkpoints" / "step-00000001").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="already contains checkpoints; pass --resume"):
+        check_new_run_folder(tmp_path / "used")
 
 
 def test_time_budget_stops_early(text_file, tmp_path):

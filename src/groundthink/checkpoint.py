@@ -174,8 +174,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """Find the checkpoint folder of a run folder, of its `checkpoints` folder, or return a checkpoint folder itself."""
     path = Path(path).expanduser()
     if not path.exists():
+        padded = _padded_step_name(path)
+        if padded is not None and (padded / MANIFEST).exists():
+            return padded
         raise CheckpointError(f"checkpoint path not found: {path}; pass a run folder (the --out of "
-                              "`groundthink train`) or one of its checkpoints/step-N folders")
+                              f"`groundthink train`) or one of its checkpoints/step-N folders{_listing(path)}")
     if (path / MANIFEST).exists():
         return path
     for root in (path / CHECKPOINTS_DIR, path):
@@ -188,6 +191,26 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             return folder
     raise CheckpointError(f"no checkpoint in {path}: expected {CHECKPOINTS_DIR}/{LATEST} or {MANIFEST}; "
                           "has the run saved one yet (train.save_interval)?")
+
+
+def _padded_step_name(path: Path) -> Path | None:
+    """checkpoints/step-50 -> checkpoints/step-00000050, the name `save_checkpoint` gives step 50."""
+    prefix, _, number = path.name.partition("-")
+    if prefix != "step" or not number.isdigit():
+        return None
+    return path.with_name(f"step-{int(number):08d}")
+
+
+def _listing(path: Path) -> str:
+    """List the checkpoints of the run folder that `path` points into, as the end of a not-found message."""
+    for run_dir in (path.parent.parent if path.parent.name == CHECKPOINTS_DIR else None, path.parent):
+        if run_dir is not None and (run_dir / CHECKPOINTS_DIR).is_dir():
+            root = run_dir / CHECKPOINTS_DIR
+            names = sorted(p.name for p in root.glob("step-*") if (p / MANIFEST).exists())
+            if not names:
+                return f"; {run_dir} has no complete checkpoint yet"
+            return f"; {run_dir} has {', '.join(str(root / name) for name in names)}"
+    return ""
 
 
 def _available(root: Path) -> list[str]:

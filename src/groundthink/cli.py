@@ -54,7 +54,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override one config value, parsed as TOML, e.g. --set train.max_steps=200 "
                              "--set model.layer_pattern='\"AAAA\"' (repeatable)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="run folder for checkpoints, metrics.jsonl and config.json (default: runs/<time>)")
+                        help="run folder for checkpoints, metrics.jsonl and config.json (default: runs/<time>); "
+                             "it must not hold another run's files")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its latest checkpoint, with its saved config")
     from groundthink.evals.command import add_mqar_train_arguments
@@ -63,7 +64,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from groundthink.train import apply_overrides, load_run_config, train
+    from groundthink.train import apply_overrides, check_new_run_folder, load_run_config, train
 
     overrides = list(args.overrides)
     for flag, key in ((args.data, "data.path"), (args.tokenizer, "data.tokenizer"),
@@ -85,7 +86,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except FileNotFoundError:
             raise CheckpointError(f"{saved} not found: {args.out} is not a run folder of `groundthink train`") \
                 from None
-        run = apply_overrides(data, overrides, origin=str(saved))
+        # An MQAR run's config.json has an [mqar] section, which run_mqar_train_command reads.
+        task = "mqar" if "mqar" in data else "text"
+        if args.task not in (None, task):
+            raise ConfigError(f"{args.out} holds a --task {task} run; drop --task {args.task} to resume it")
+        args.task = task
+        run = apply_overrides({k: v for k, v in data.items() if k != "mqar"}, overrides, origin=str(saved))
     else:
         run = load_run_config(args.config, overrides)
         if run.data.path:
@@ -94,12 +100,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if distributed:
             raise ConfigError("pass --out under torchrun so that every rank uses the same run folder")
         args.out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if not args.resume:
+        check_new_run_folder(args.out)
 
     if args.task == "mqar":
         from groundthink.evals.command import run_mqar_train_command
 
-        if args.resume or args.data is not None:
-            raise ConfigError("--task mqar trains on generated data from scratch; drop --resume and --data")
+        if args.data is not None:
+            raise ConfigError("--task mqar trains on generated data; drop --data")
         return run_mqar_train_command(args, run)
     result = train(run, args.out, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:

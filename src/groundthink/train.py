@@ -195,7 +195,19 @@ def _check_type(key: str, value: Any, expected: Any) -> None:
         ok = isinstance(value, expected)
     if not ok:
         raise ConfigError(f"invalid value for {key}: expected {expected.__name__}, got {value!r} "
-                          f"({type(value).__name__}); in --set, quote strings as TOML: {key}='\"text\"'")
+                          f"({type(value).__name__}); {_set_hint(key, value, expected)}")
+
+
+def _set_hint(key: str, value: Any, expected: Any) -> str:
+    """How to write a value of type `expected` in --set, for the type error of `key`."""
+    if expected is str:
+        return f"in --set, quote strings as TOML: {key}='\"text\"'"
+    example = {int: ("an integer", "2"), float: ("a number", "0.5"), bool: ("true or false", "true")}.get(expected)
+    if example is None:
+        return f"pass a value of type {expected.__name__}"
+    what, literal = example
+    unquote = " without quotes" if isinstance(value, str) else ""
+    return f"in --set, pass {what}{unquote}, e.g. {key}={literal}"
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:
@@ -451,14 +463,36 @@ def sample_text(model: GroundThinkLM, tokenizer: Tokenizer, prompt: np.ndarray, 
 
 
 # ---------------------------------------------------------------------------- run folder
-def _write_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+def _refuse_checkpoints(run_dir: Path) -> None:
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise CheckpointError(f"run folder {run_dir} already contains checkpoints; pass --resume to continue it "
+                              "or choose another --out")
+
+
+def check_new_run_folder(run_dir: str | os.PathLike) -> None:
+    """Refuse a run folder that another run has written into, so that two runs never mix their files.
+
+    A folder with checkpoints can be continued with --resume. A folder with only config.json,
+    metrics.jsonl or samples.txt holds a run stopped before its first checkpoint.
+    """
+    run_dir = Path(run_dir)
+    _refuse_checkpoints(run_dir)
+    used = [name for name in (RUN_CONFIG, METRICS, SAMPLES) if (run_dir / name).exists()]
+    if used:
+        raise CheckpointError(f"run folder {run_dir} already holds {', '.join(used)} of a run that saved no "
+                              "checkpoint, so it cannot be resumed; pass another --out, or delete the folder "
+                              "to start that run again")
+
+
+def write_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     with open(run_dir / METRICS, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def _truncate_metrics(run_dir: Path, step: int) -> None:
+def truncate_metrics(run_dir: Path, step: int) -> None:
     """Drop metrics records after `step`, written by an interrupted run after its last checkpoint."""
     path = run_dir / METRICS
     if not path.exists():
@@ -487,6 +521,9 @@ class TrainResult:
 def train(run: RunConfig, out_dir: str | os.PathLike, resume: bool = False) -> TrainResult:
     """Train a GroundThinkLM as configured, writing checkpoints and metrics into `out_dir`.
 
+    The folder is created once the data and model are ready. Without `resume` a folder with
+    checkpoints is refused; `check_new_run_folder` also refuses one left by a run that saved
+    none (the command line calls it, a sweep restarts such a point in place).
     With `resume`, continue from the latest checkpoint in `out_dir`. Model,
     optimizer, RNG states and the batch index all resume, so on CPU and without
     a time budget the continued run reproduces an uninterrupted one's losses exactly.
@@ -510,11 +547,8 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, runtime: Runtime) -> Tra
     if resume:
         checkpoint_dir = resolve_checkpoint(run_dir)
         verify_checkpoint(checkpoint_dir)
-    elif (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-        raise CheckpointError(f"run folder {run_dir} already contains checkpoints; pass --resume to continue it "
-                              "or choose another --out")
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        _refuse_checkpoints(run_dir)
 
     # 2. Data: rank 0 fills the cache first, the other ranks then read it.
     if runtime.distributed and not main:
@@ -552,10 +586,12 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, runtime: Runtime) -> Tra
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * run.data.seq_len * runtime.world_size
     if main:
+        # Created only now, after the data and config passed their checks, so a failed start leaves no folder.
+        run_dir.mkdir(parents=True, exist_ok=True)
         _log_startup(run, run_config, run_dir, data, model, groups, runtime, tokens_per_step, step)
         atomic_write_text(run_dir / RUN_CONFIG, json.dumps(run_config, indent=2) + "\n")
         if resume:
-            _truncate_metrics(run_dir, step)
+            truncate_metrics(run_dir, step)
 
     prompt = np.asarray(data.val[:min(16, len(data.val))], dtype=np.int64)
     # disable=None hides the bar when stderr is not a terminal (a log file), leaving the log lines.
@@ -630,7 +666,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, runtime: Runtime) -> Tra
                           "val_loss": val_loss, "lr": lr,
                           "tokens_per_s": interval_tokens / max(interval_train_s, 1e-9),
                           "elapsed_s": now - start, "cpu_s": time.process_time() - cpu_start}
-                _write_metrics(run_dir, record)
+                write_metrics(run_dir, record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
                                 lr=f"{lr:.2e}", refresh=False)
                 log.info("step %d/%d | loss %.4f | val %s | lr %.2e | %s tok/s | %.1f min", step, cfg.max_steps,

@@ -5,8 +5,10 @@ tables and writes results.json and plots into --out. Text suites read the --spli
 --data, or of the run's training text when --data is not given, split as the trainer splits it.
 
 `train --task mqar` trains on generated MQAR batches with `train_mqar` (no data files), using
-the [model] and [train] sections of the run config, and writes a checkpoint that `eval`
-loads. MQAR ids have no text, so that checkpoint's tokenizer holds only the unknown id.
+the [model] and [train] sections of the run config. It writes a run folder like a text run
+(config.json, metrics.jsonl, checkpoints/, but no samples.txt) that `eval` loads and
+`train --resume` continues. MQAR ids have no text, so its checkpoints' tokenizer holds only
+the unknown id.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from groundthink.atomic import atomic_write_text
 from groundthink.config import ConfigError
 
 from .common import EvalError
@@ -87,9 +90,10 @@ def suite_runner(name: str) -> Callable[..., dict[str, Any]]:
 # ---------------------------------------------------------------------------- train --task mqar
 def add_mqar_train_arguments(parser) -> None:
     """Options of `groundthink train` for training on generated MQAR data."""
-    parser.add_argument("--task", choices=("text", "mqar"), default="text",
-                        help="text: train on --data; mqar: train on generated multi-query associative recall "
-                             "(no data files; [model] and [train] of the config apply, [data] is ignored)")
+    parser.add_argument("--task", choices=("text", "mqar"), default=None,
+                        help="text (default; with --resume, the run's own task): train on --data; mqar: train "
+                             "on generated multi-query associative recall (no data files; [model] and [train] "
+                             "of the config apply, [data] is ignored; the run folder gets no samples.txt)")
     parser.add_argument("--mqar", dest="mqar_options", action="append", default=[], metavar="KEY=VALUE",
                         help="MQAR setting for --task mqar: vocab_size, seq_len, num_pairs, power_a, "
                              "random_non_queries, or mixture=T:N:WEIGHT[:START],... where START is the fraction "
@@ -144,17 +148,36 @@ def mqar_task_from_options(items: list[str]):
 
 
 def run_mqar_train_command(args, run) -> int:
-    """Train the run config's model on MQAR and save a checkpoint into args.out."""
+    """Train the run config's model on MQAR in the run folder args.out, or continue it with args.resume.
+
+    The folder holds config.json ([model], [train] and [mqar]: the target task and the mixture),
+    metrics.jsonl (one record per evaluation: step, loss over the query positions since the
+    previous record, eval_accuracy, elapsed_s) and checkpoints/ (every train.save_interval
+    updates and at the end). There is no samples.txt: MQAR ids have no text.
+    """
     import torch
 
-    from groundthink.checkpoint import save_checkpoint
+    from groundthink.checkpoint import (WEIGHTS, CheckpointError, load_model_weights, load_trainer_state,
+                                        read_run_config, resolve_checkpoint, save_checkpoint, verify_checkpoint)
     from groundthink.model import GroundThinkLM
     from groundthink.tokenizer import CharTokenizer
+    from groundthink.train import RUN_CONFIG, truncate_metrics, write_metrics
 
-    from .mqar import evaluate_mqar
+    from .mqar import MQARTask, evaluate_mqar
     from .training import EVAL_STREAM, TaskTraining, train_mqar
 
-    task, mixture = mqar_task_from_options(args.mqar_options)
+    out = Path(args.out)
+    checkpoint_dir = None
+    if args.resume:
+        if args.mqar_options:
+            raise ConfigError(f"--resume continues with the MQAR settings in {out / RUN_CONFIG}; drop --mqar")
+        saved = json.loads((out / RUN_CONFIG).read_text(encoding="utf-8"))["mqar"]
+        task = MQARTask(**saved["task"])
+        mixture = [(MQARTask(**t), float(w), float(s)) for t, w, s in saved["mixture"]]
+        checkpoint_dir = resolve_checkpoint(out)
+        verify_checkpoint(checkpoint_dir)
+    else:
+        task, mixture = mqar_task_from_options(args.mqar_options)
     cfg = run.train
     if cfg.grad_accum != 1:
         raise ConfigError(f"invalid train.grad_accum={cfg.grad_accum}: --task mqar updates on one batch at a time; "
@@ -173,25 +196,58 @@ def run_mqar_train_command(args, run) -> int:
                           "cpu" if cfg.device == "auto" else cfg.device)
 
     config = dataclasses.replace(run.model, vocab_size=task.vocab_size)
+    run_config = {"model": config.to_dict(), "train": dataclasses.asdict(cfg),
+                  "mqar": {"task": dataclasses.asdict(task),
+                           "mixture": [[dataclasses.asdict(t), w, s] for t, w, s in mixture]}}
     torch.manual_seed(cfg.seed)
     model = GroundThinkLM(config).to(device)
+    resume_state = None
+    if checkpoint_dir is not None:
+        previous = read_run_config(checkpoint_dir)
+        for section in ("model", "mqar"):
+            if previous.get(section) != run_config[section]:
+                raise CheckpointError(f"cannot resume from {checkpoint_dir}: its [{section}] config differs from "
+                                      f"{out / RUN_CONFIG}; resume with the run's own config or start a new run "
+                                      "with another --out")
+        state = load_trainer_state(checkpoint_dir)
+        if "mqar" not in state:
+            raise CheckpointError(f"cannot resume from {checkpoint_dir}: it holds no MQAR training state (no "
+                                  "optimizer or history); start a new run with another --out")
+        load_model_weights(model, checkpoint_dir / WEIGHTS)
+        resume_state = state["mqar"]
+        log.info("resumed from %s at step %d", checkpoint_dir, resume_state["step"])
+        if resume_state["step"] >= cfg.max_steps:
+            log.warning("the checkpoint is at step %d, not below train.max_steps=%d: nothing to train; raise "
+                        "it with --set train.max_steps=N", resume_state["step"], cfg.max_steps)
     log.info("MQAR task %s, mixture (T, N, weight, start) %s", dataclasses.asdict(task),
              [(t.seq_len, t.num_pairs, w, s) for t, w, s in mixture] or "none")
     log.info("model %s: %s parameters on %s", config.layer_pattern, f"{model.num_parameters():,}", device)
 
+    # The folder is created only now, after the task, settings and checkpoint passed their checks.
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / RUN_CONFIG, json.dumps(run_config, indent=2) + "\n")
+    if resume_state is not None:
+        truncate_metrics(out, resume_state["step"])
     start = time.perf_counter()
-    history = train_mqar(model, task, settings, mixture=mixture)
+    offset = float(resume_state["seconds"]) if resume_state else 0.0
+
+    def on_eval(step: int, train_loss: float, accuracy: float) -> None:
+        write_metrics(out, {"step": step, "loss": train_loss, "eval_accuracy": accuracy,
+                            "elapsed_s": offset + time.perf_counter() - start})
+
+    def on_checkpoint(state: dict[str, Any]) -> None:
+        # MQAR ids have no text; the checkpoint format needs a tokenizer, so it stores one with only <unk>.
+        trainer_state = {"mqar": state, "tokens": state["tokens_done"] * cfg.batch_size}
+        folder = save_checkpoint(out, model=model, tokenizer=CharTokenizer([]), run_config=run_config,
+                                 step=state["step"], trainer_state=trainer_state, keep=cfg.keep_checkpoints)
+        log.info("checkpoint: %s", folder)
+
+    history = train_mqar(model, task, settings, on_eval=on_eval, mixture=mixture, resume=resume_state,
+                         on_checkpoint=on_checkpoint, checkpoint_every=cfg.save_interval)
     result = evaluate_mqar(model, task, settings.eval_examples, seed=[settings.seed, EVAL_STREAM],
                            window=config.window_size if "S" in config.layer_pattern else None)
-
-    run_config = {"model": config.to_dict(), "train": dataclasses.asdict(cfg),
-                  "mqar": {"task": dataclasses.asdict(task),
-                           "mixture": [[dataclasses.asdict(t), w, s] for t, w, s in mixture],
-                           "history": history.to_dict(), "accuracy": result["accuracy"]}}
-    # MQAR ids have no text; the checkpoint format needs a tokenizer, so it stores one with only <unk>.
-    folder = save_checkpoint(args.out, model=model, tokenizer=CharTokenizer([]), run_config=run_config,
-                             step=history.steps[-1])
+    steps = history.steps[-1] if history.steps else 0
     print(f"done: {history.stop_reason}; MQAR accuracy {result['accuracy']:.4f} (chance {result['chance']:.4f}) "
-          f"after {history.steps[-1]} updates, {(time.perf_counter() - start) / 60:.1f} min; checkpoint {folder}")
+          f"after {steps} updates, {(time.perf_counter() - start) / 60:.1f} min; run folder {out}")
     print(json.dumps({"accuracy": result["accuracy"], "by_distance": result["by_distance"]}))
     return 0

@@ -194,7 +194,9 @@ class Mixture:
 
 def train_mqar(model: nn.Module, task: MQARTask, settings: TaskTraining,
                on_eval: Callable[[int, float, float], None] | None = None,
-               mixture: Sequence[tuple] = ()) -> TaskHistory:
+               mixture: Sequence[tuple] = (), resume: dict[str, Any] | None = None,
+               on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+               checkpoint_every: int = 0) -> TaskHistory:
     """Train `model` in place on MQAR batches and evaluate it on `task`; returns the history.
 
     Without a mixture every batch is drawn from `task`. With `mixture` [(task, weight) or
@@ -203,6 +205,13 @@ def train_mqar(model: nn.Module, task: MQARTask, settings: TaskTraining,
     reached, as Zoology trains on several (T, N) settings at once. Loss and accuracy count
     query positions only. `on_eval(step, train_loss, accuracy)` is called after every
     evaluation (for logging or checkpoints).
+
+    `on_checkpoint(state)` is called every `checkpoint_every` updates (0: never) and once when
+    the run ends, with the state that `resume` takes to continue the run: step, optimizer
+    state, history, losses since the last evaluation, tokens drawn, schedule length and the
+    seconds spent. Batches depend on the seed and the step only and the model draws no random
+    numbers while training, so a resumed run repeats the uninterrupted one's losses exactly
+    when max_steps is unchanged and no time budget shortens the schedule.
     """
     task.validate()
     settings.validate()
@@ -217,8 +226,24 @@ def train_mqar(model: nn.Module, task: MQARTask, settings: TaskTraining,
     total_steps = settings.max_steps
     recent_losses: list[float] = []
     tokens_done = 0
-
     step = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        history = TaskHistory(**{**resume["history"], "stop_reason": ""})
+        step, tokens_done = int(resume["step"]), int(resume["tokens_done"])
+        recent_losses = [float(x) for x in resume["recent_losses"]]
+        start -= float(resume["seconds"])
+        budget_start -= float(resume["budget_seconds"])
+        if settings.time_budget_s and step >= settings.calibration_steps:
+            # The schedule was already sized to the budget; a raised max_steps still caps it.
+            total_steps = min(int(resume["total_steps"]), settings.max_steps)
+        history.planned_steps = total_steps
+
+    def snapshot() -> dict[str, Any]:
+        return {"step": step, "optimizer": optimizer.state_dict(), "history": history.to_dict(),
+                "recent_losses": list(recent_losses), "tokens_done": tokens_done, "total_steps": total_steps,
+                "seconds": time.perf_counter() - start, "budget_seconds": clock() - budget_start}
+
     while step < total_steps:
         # Learning rate of this update.
         lr = learning_rate(settings, step, total_steps)
@@ -274,10 +299,14 @@ def train_mqar(model: nn.Module, task: MQARTask, settings: TaskTraining,
                 on_eval(step, train_loss, result["accuracy"])
             if result["accuracy"] >= settings.target_accuracy:
                 history.stop_reason = f"reached target accuracy {settings.target_accuracy}"
-                break
-            if over_time:
+            elif over_time:
                 history.stop_reason = f"time budget of {settings.time_budget_s:.0f} s ({settings.budget_clock} clock) spent"
-                break
+        if not history.stop_reason and step >= total_steps:
+            history.stop_reason = f"schedule of {total_steps} updates done"
+        if on_checkpoint is not None and (history.stop_reason or (checkpoint_every and step % checkpoint_every == 0)):
+            on_checkpoint(snapshot())
+        if history.stop_reason:
+            break
     if not history.stop_reason:
         history.stop_reason = f"schedule of {total_steps} updates done"
     model.eval()
