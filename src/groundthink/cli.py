@@ -122,7 +122,8 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path,
                         help="run folder (its latest checkpoint is used) or a checkpoints/step-N folder")
     parser.add_argument("--suite", choices=sorted(EVAL_SUITES), default="ppl",
-                        help="what to measure; ppl: loss, perplexity and bits per character/byte on text; "
+                        help="what to measure; ppl: loss, perplexity and bits per character/byte on text "
+                             "(options seq_len, batch_size, max_tokens, max_windows); "
                              "mqar: multi-query associative recall; niah: needle in a haystack on text; honest: "
                              "memory ablation, copy-dependent tokens, entity tracking, zero-shot recall "
                              "(mqar, niah and honest write results.json and plots into --out)")
@@ -132,10 +133,14 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="part of the text to score: the validation split (the run's val_fraction, or the "
                              "held-out plays of the default corpus), the training split, or all of it")
     parser.add_argument("--seq-len", type=int, default=None,
-                        help="tokens per scored window (default: the run's data.seq_len)")
-    parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
-    parser.add_argument("--max-tokens", type=int, default=0,
-                        help="score only the first N tokens of the split (0 = all)")
+                        help="tokens per scored window; sets seq_len of the ppl suite (default: the run's "
+                             "data.seq_len) and of the honest suite (default 512); mqar and niah have no seq_len "
+                             "option and reject it")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="windows or prompts per forward pass; sets batch_size of every suite (default: "
+                             "16 for ppl, the suite's own default otherwise)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="score only the first N tokens of the split (default 0 = all); ppl suite only")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text lines")
     from groundthink.evals.command import add_eval_suite_arguments
@@ -166,6 +171,14 @@ def _suite_ppl(args: argparse.Namespace, model, tokenizer, extra: dict[str, Any]
 
     from groundthink.train import evaluate_tokens
 
+    from groundthink.evals.common import EvalError, merge_flag_options, parse_options
+    from groundthink.evals.ppl import CommandPPLOptions
+
+    try:
+        items = merge_flag_options(CommandPPLOptions, "ppl", _suite_flags(args), args.suite_options)
+        options = parse_options(CommandPPLOptions, items)
+    except EvalError as err:
+        raise ConfigError(str(err)) from None
     data_section = extra["run_config"].get("data")
     if data_section is None and args.data is None:
         raise DataError(f"{extra['path']} was not trained on text (its config has no [data] section); "
@@ -176,19 +189,18 @@ def _suite_ppl(args: argparse.Namespace, model, tokenizer, extra: dict[str, Any]
     else:
         splits = load_splits(data_config)
     text = {"val": splits.val, "train": splits.train, "all": splits.train + splits.val}[args.split]
+    seq_len = options.seq_len or data_config.seq_len
     ids = tokenizer.encode(text)
-    if args.max_tokens > 0 and len(ids) > args.max_tokens:
-        ids = ids[:args.max_tokens]
+    limit = options.token_limit(seq_len)
+    if limit and len(ids) > limit:
+        ids = ids[:limit]
         text = tokenizer.decode(ids)
     if len(ids) < 2:
         raise DataError(f"the {args.split} split has {len(ids)} tokens; evaluation needs at least 2")
-    seq_len = args.seq_len or data_config.seq_len
-    if seq_len < 1 or args.batch_size < 1:
-        raise ConfigError(f"invalid --seq-len {seq_len} or --batch-size {args.batch_size}: both must be at least 1")
 
     device = torch.device(args.device)
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    total_nats, n_predicted = evaluate_tokens(model, ids, seq_len, args.batch_size, device, autocast)
+    total_nats, n_predicted = evaluate_tokens(model, ids, seq_len, options.batch_size, device, autocast)
 
     # The first token is context only, so its characters and bytes are not scored.
     first = tokenizer.decode(ids[:1])
@@ -196,7 +208,8 @@ def _suite_ppl(args: argparse.Namespace, model, tokenizer, extra: dict[str, Any]
     n_bytes = len(text.encode("utf-8", errors="surrogatepass")) - len(first.encode("utf-8", errors="surrogatepass"))
     loss = total_nats / n_predicted
     out = {"data": args.data or data_config.path or "default corpus", "split": args.split,
-           "tokenizer": tokenizer.kind, "tokens": int(n_predicted), "chars": n_chars, "bytes": n_bytes,
+           "tokenizer": tokenizer.kind, "seq_len": seq_len, "windows": math.ceil(n_predicted / seq_len),
+           "tokens": int(n_predicted), "chars": n_chars, "bytes": n_bytes,
            "loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_token": loss / math.log(2),
            "bits_per_char": total_nats / math.log(2) / max(n_chars, 1),
            "bits_per_byte": total_nats / math.log(2) / max(n_bytes, 1)}
@@ -205,13 +218,26 @@ def _suite_ppl(args: argparse.Namespace, model, tokenizer, extra: dict[str, Any]
     return out
 
 
+def _suite_flags(args: argparse.Namespace) -> dict[str, tuple[str, Any]]:
+    """Suite option -> (flag, value or None when not given) of the eval flags that set a suite option."""
+    return {"seq_len": ("--seq-len", args.seq_len), "batch_size": ("--batch-size", args.batch_size),
+            "max_tokens": ("--max-tokens", args.max_tokens)}
+
+
 def _evals_suite(name: str) -> Callable[..., dict[str, Any]]:
     """Runner of suite `name` of groundthink.evals, imported when it runs."""
 
     def run(args: argparse.Namespace, model, tokenizer, extra: dict[str, Any]) -> dict[str, Any]:
+        from groundthink.evals import SUITES
         from groundthink.evals.command import suite_runner
+        from groundthink.evals.common import EvalError, merge_flag_options
 
-        return suite_runner(name)(args, model, tokenizer, extra)
+        try:
+            items = merge_flag_options(SUITES[name][0], name, _suite_flags(args), args.suite_options)
+        except EvalError as err:
+            raise ConfigError(str(err)) from None
+        return suite_runner(name)(argparse.Namespace(**{**vars(args), "suite_options": items}), model, tokenizer,
+                                  extra)
 
     return run
 
@@ -279,6 +305,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if len(ids) == 0:
         print("groundthink generate: error: --prompt is empty; pass at least one character of text", file=sys.stderr)
         return 1
+    unknown = tokenizer.unknown_chars(args.prompt)
+    if unknown:
+        count = sum(args.prompt.count(ch) for ch in unknown)
+        listed = " ".join(repr(ch) for ch in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+        print(f"groundthink generate: warning: the {tokenizer.kind} tokenizer does not know {len(unknown)} distinct "
+              f"character(s) of --prompt ({count} in all), which the model reads as <unk>: {listed}", file=sys.stderr)
     prompt = torch.as_tensor(ids, dtype=torch.long, device=torch.device(args.device))[None]     # [1, T]
     try:
         tokens = model.generate_stream(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -1,7 +1,8 @@
 """Tokenizers: character level (with an `<unk>` id) and byte-level BPE.
 
 Both expose the same small interface: `vocab_size`, `encode(text) -> np.ndarray`
-of int64 ids, `decode(ids) -> str`, `to_json() -> str` and `save(path)`.
+of int64 ids, `decode(ids) -> str`, `unknown_chars(text) -> list[str]`,
+`to_json() -> str` and `save(path)`.
 `load_tokenizer(path)` reads either kind back from its JSON file.
 """
 
@@ -69,6 +70,11 @@ class CharTokenizer:
         known = self._code_points[position] == code_points
         return np.where(known, position + 1, self.unk_id).astype(np.int64)
 
+    def unknown_chars(self, text: str) -> list[str]:
+        """Return the distinct characters of `text` that encode to `unk_id`, in order of first occurrence."""
+        ids = self.encode(text)
+        return list(dict.fromkeys(ch for ch, i in zip(text, ids.tolist()) if i == self.unk_id))
+
     def decode(self, ids: Iterable[int]) -> str:
         table = self._id_to_text
         out = []
@@ -128,6 +134,10 @@ class BPETokenizer:
         # before whitespace, so cutting right after a newline changes no token.
         pieces = self._tokenizer.encode_batch(list(_chunks(text)), add_special_tokens=False)
         return np.concatenate([np.asarray(p.ids, dtype=np.int64) for p in pieces])
+
+    def unknown_chars(self, text: str) -> list[str]:
+        """Return [], because every byte has an id."""
+        return []
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()

@@ -199,7 +199,7 @@ def _check_type(key: str, value: Any, expected: Any) -> None:
 
 
 def _set_hint(key: str, value: Any, expected: Any) -> str:
-    """How to write a value of type `expected` in --set, for the type error of `key`."""
+    """Return how to write a value of type `expected` in --set, for the type error of `key`."""
     if expected is str:
         return f"in --set, quote strings as TOML: {key}='\"text\"'"
     example = {int: ("an integer", "2"), float: ("a number", "0.5"), bool: ("true or false", "true")}.get(expected)

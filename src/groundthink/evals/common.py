@@ -70,6 +70,28 @@ def parse_options(options_cls: type, overrides: Sequence[str] = (), **values: An
     return options
 
 
+def merge_flag_options(options_cls: type, suite: str, flags: dict[str, tuple[str, Any]],
+                       items: Sequence[str]) -> list[str]:
+    """Return `key=value` items for the command-line flags that were given, followed by `items`.
+
+    `flags` maps an option name to (flag, value), with value None for a flag not given. A given
+    flag whose option `options_cls` lacks, or whose option `items` also sets, raises EvalError.
+    """
+    fields = sorted(f.name for f in dataclasses.fields(options_cls))
+    keys_in_items = {item.partition("=")[0].strip() for item in items}
+    merged = []
+    for key, (flag, value) in flags.items():
+        if value is None:
+            continue
+        if key not in fields:
+            raise EvalError(f"{flag} does not apply to the {suite} suite, which has no {key} option; drop it "
+                            f"or pass one of the suite's options with --option KEY=VALUE: {fields}")
+        if key in keys_in_items:
+            raise EvalError(f"{flag} {value} and --option {key}=... both set {key}; give only one of them")
+        merged.append(f"{key}={value}")
+    return merged + list(items)
+
+
 def check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise EvalError(f"invalid {name}={value!r}: must be a positive integer")

@@ -46,6 +46,39 @@ class PPLOptions:
             raise EvalError(f"invalid seq_len={self.seq_len!r}: need at least 2 tokens (one context, one target)")
 
 
+@dataclass
+class CommandPPLOptions:
+    """--option keys of `groundthink eval --suite ppl`, which scores every token of a split.
+
+    --seq-len, --batch-size and --max-tokens set the fields of the same names.
+    """
+
+    seq_len: int = 0
+    """Tokens per scored window; 0 takes the run's data.seq_len."""
+    batch_size: int = 16
+    """Windows per forward pass."""
+    max_tokens: int = 0
+    """Score only the first max_tokens tokens of the split; 0 scores all of them."""
+    max_windows: int = 0
+    """Score only the first max_windows windows of seq_len tokens; 0 scores all of them."""
+
+    def validate(self) -> None:
+        check_positive("batch_size", self.batch_size)
+        zero_means = {"seq_len": "the run's data.seq_len", "max_tokens": "no limit", "max_windows": "no limit"}
+        for name, meaning in zero_means.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise EvalError(f"invalid {name}={value!r}: must be a positive integer, or 0 for {meaning}")
+
+    def token_limit(self, seq_len: int) -> int:
+        """Return the number of tokens to score from the split's start, or 0 for all of them.
+
+        max_windows windows of seq_len targets need one more token, the first window's context.
+        """
+        limits = [n for n in (self.max_tokens, self.max_windows * seq_len + 1 if self.max_windows else 0) if n]
+        return min(limits, default=0)
+
+
 def evaluate_perplexity(model: nn.Module, tokenizer, text: str, seq_len: int, max_windows: int,
                         batch_size: int) -> dict[str, Any]:
     """Loss, perplexity, bits per token and bits per character of the model on text."""
