@@ -578,6 +578,22 @@ def test_text_suites_run_on_real_text(tmp_path, char_tokenizer, pattern):
     assert ppl["bits_per_char"] == pytest.approx(ppl["loss"] / math.log(2))
 
 
+@pytest.mark.parametrize("lengths, bad", [("100", 100), ("400,100", 100), ("200,20000000", 20000000)])
+def test_niah_checks_lengths_before_model(tmp_path, char_tokenizer, capsys, lengths, bad):
+    """A context length too short for the multi-variant needles, or longer than the text, raises
+    before the model runs, a table is printed or a plot is written, even when the single variant fits."""
+    model = tiny_model("GS", vocab=char_tokenizer.vocab_size, dtype=torch.float32)
+    calls = []
+    model.register_forward_pre_hook(lambda module, inputs: calls.append(1))
+    out = tmp_path / "niah"
+    with pytest.raises(EvalError, match=f"context length {bad}"):
+        run_suite("niah", model, char_tokenizer, out, text=str(SHAKESPEARE),
+                  overrides=[f"context_lengths={lengths}", "depths=0.5", "examples=1", "variants=single,multi"])
+    assert calls == []
+    assert capsys.readouterr().out == ""
+    assert not out.exists()
+
+
 def test_suite_registry_and_text_requirement(char_tokenizer):
     """Every suite is registered; text suites without --text raise an error that names the option."""
     assert set(SUITES) == {"mqar", "niah", "honest", "ppl"}

@@ -189,13 +189,18 @@ def build_prompt(tokenizer, corpus: np.ndarray, length: int, depth: float, varia
     return {"prompt": prompt, "answer": answer, "others": other_answers, "foils": foil_ids}
 
 
-def evaluate_cell(model: nn.Module, tokenizer, corpus: np.ndarray, length: int, depth: float, variant: str,
-                  options: NIAHOptions, seed: Sequence[int]) -> dict[str, Any]:
-    """Accuracy and confusion rate of `options.examples` prompts of one cell."""
+def build_cell(tokenizer, corpus: np.ndarray, length: int, depth: float, variant: str, options: NIAHOptions,
+               seed: Sequence[int]) -> list[dict[str, Any]]:
+    """Build the `options.examples` prompts of one (variant, context length, depth) cell."""
     rng = np.random.default_rng(seed)
-    examples = [build_prompt(tokenizer, corpus, length, depth, variant, options.extra_needles, options.value_kind, rng,
-                             options.foils)
-                for _ in range(options.examples)]
+    return [build_prompt(tokenizer, corpus, length, depth, variant, options.extra_needles, options.value_kind, rng,
+                         options.foils)
+            for _ in range(options.examples)]
+
+
+def score_cell(model: nn.Module, examples: list[dict[str, Any]], length: int, depth: float, variant: str,
+               options: NIAHOptions) -> dict[str, Any]:
+    """Score one cell's prompts: exact-match accuracy, confusion rate and the forced choice."""
     prompts = torch.from_numpy(np.stack([e["prompt"] for e in examples]))
     longest = max(len(a) for e in examples for a in [e["answer"], *e["others"]])
     generated = greedy_continuations(model, prompts, longest, options.batch_size).tolist()
@@ -208,6 +213,13 @@ def evaluate_cell(model: nn.Module, tokenizer, corpus: np.ndarray, length: int, 
             **forced_choice(scores)}
 
 
+def evaluate_cell(model: nn.Module, tokenizer, corpus: np.ndarray, length: int, depth: float, variant: str,
+                  options: NIAHOptions, seed: Sequence[int]) -> dict[str, Any]:
+    """Accuracy and confusion rate of `options.examples` prompts of one cell."""
+    examples = build_cell(tokenizer, corpus, length, depth, variant, options, seed)
+    return score_cell(model, examples, length, depth, variant, options)
+
+
 def run(model: nn.Module, tokenizer, options: NIAHOptions, out_dir: Path, seed: int,
         corpus: str | None = None) -> dict[str, Any]:
     """Evaluate every (variant, context length, depth) cell; print tables, write results.json and heat maps."""
@@ -218,12 +230,20 @@ def run(model: nn.Module, tokenizer, options: NIAHOptions, out_dir: Path, seed: 
     pattern = model.config.layer_pattern
     text = corpus if corpus is not None else load_text(options.text, options.split, options.val_fraction)
     corpus = encode(tokenizer, text)
+
+    # Every prompt is built before the model runs, so a context length too short for the needles,
+    # or longer than the text, raises before any table is printed or any file is written.
+    prompts = {(v, length, d): build_cell(tokenizer, corpus, length, depth, variant, options,
+                                          seed=[seed, v, length, d])
+               for v, variant in enumerate(options.variants)
+               for length in options.context_lengths
+               for d, depth in enumerate(options.depths)}
+
     cells = []
     for v, variant in enumerate(options.variants):
         for length in options.context_lengths:
             for d, depth in enumerate(options.depths):
-                cells.append(evaluate_cell(model, tokenizer, corpus, length, depth, variant, options,
-                                           seed=[seed, v, length, d]))
+                cells.append(score_cell(model, prompts[v, length, d], length, depth, variant, options))
 
         rows = [c for c in cells if c["variant"] == variant]
 
