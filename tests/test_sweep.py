@@ -124,6 +124,36 @@ def test_sweep_rejects_other_grid_in_same_folder(tmp_path):
         run_sweep(tiny_spec(grid=("expand_v=1,4",)), tmp_path)
 
 
+def test_sweep_list_rejects_other_sweep(tmp_path, capsys):
+    """--list on a folder of a different sweep raises instead of marking that sweep's points done."""
+    from groundthink.cli import build_parser
+    from groundthink.sweep import POINTS_DIR, _spec_from_args, prepare_out_dir
+
+    saved = ["sweep", "--out", str(tmp_path), "--grid", "expand_v=1,2"]
+    prepare_out_dir(tmp_path, _spec_from_args(build_parser().parse_args(saved)))
+    (tmp_path / POINTS_DIR / "point-000.json").write_text("{}\n")
+
+    assert main(saved + ["--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["0", "done"]
+    assert lines[1].split()[:2] == ["1", "todo"]
+
+    other = ["sweep", "--out", str(tmp_path), "--grid", "expand_v=1,4", "--train", "max_steps=30", "--list"]
+    assert main(other) == 1
+    captured = capsys.readouterr()
+    assert "contains a different sweep (differs in ['grid', 'training'])" in captured.err
+    assert "done" not in captured.out
+
+
+def test_sweep_list_without_folder(tmp_path, capsys):
+    """--list on a new folder lists every point as todo and creates nothing."""
+    out = tmp_path / "new"
+    assert main(["sweep", "--out", str(out), "--grid", "expand_v=1,2", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines] == ["todo", "todo"]
+    assert not out.exists()
+
+
 def test_sweep_command_report_merges_points(tmp_path, capsys):
     args = ["sweep", "--out", str(tmp_path), "--grid", "layer_pattern=GSGS,GGSS", "--probe-examples", "2"]
     args += [f"--set=model.{k}={v}" for k, v in TINY_MODEL.items() if k != "vocab_size"]

@@ -214,20 +214,26 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(_json(data), indent=2) + "\n")
 
 
+def check_out_dir(out_dir: Path, spec: SweepSpec) -> bool:
+    """Return whether out_dir has a sweep.json; raise ConfigError if it describes a different sweep."""
+    path = out_dir / SPEC_FILE
+    if not path.exists():
+        return False
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    expected = _json(spec.to_dict())
+    if saved != expected:
+        differing = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
+        raise ConfigError(f"{out_dir} contains a different sweep (differs in {differing}); rerun with the "
+                          "same arguments to resume it, or choose another --out")
+    return True
+
+
 def prepare_out_dir(out_dir: Path, spec: SweepSpec) -> None:
     """Create the folder and sweep.json, or check that an existing sweep.json describes this sweep."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / POINTS_DIR).mkdir(exist_ok=True)
-    path = out_dir / SPEC_FILE
-    expected = _json(spec.to_dict())
-    if path.exists():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved != expected:
-            differing = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
-            raise ConfigError(f"{out_dir} contains a different sweep (differs in {differing}); rerun with the "
-                              "same arguments to resume it, or choose another --out")
-        return
-    write_json(path, expected)
+    if not check_out_dir(out_dir, spec):
+        write_json(out_dir / SPEC_FILE, _json(spec.to_dict()))
 
 
 def run_sweep(spec: SweepSpec, out_dir: str | Path, only: list[int] | None = None,
@@ -609,6 +615,9 @@ def run_sweep_command(args) -> int:
         except ValueError:
             raise ConfigError(f"invalid --only {args.only!r}: use comma-separated point indices, e.g. 0,3") from None
     if args.list:
+        # Point files of a different sweep belong to other configs, so they cannot mark this sweep's points done.
+        spec.validate()
+        check_out_dir(args.out, spec)
         for point in select_points(spec.points(), only, args.shard):
             done = (args.out / POINTS_DIR / f"{point.name}.json").exists()
             print(f"{point.index:4d}  {'done' if done else 'todo'}  seed {point.seed}  {point.label}")
