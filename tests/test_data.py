@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
+import logging
 import subprocess
 import tarfile
 from pathlib import Path
@@ -160,6 +163,44 @@ def test_cache_key_follows_text(tmp_path):
     second = prepare_data(config)
     assert first.cache_path != second.cache_path
     assert second.tokenizer.decode(second.train).startswith("different")
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "auto"])
+def test_char_vocab_size_warns(tmp_path, caplog, tokenizer):
+    """A vocab_size set for a char tokenizer (chosen, or picked by auto) is logged as ignored on a cache
+    miss and on a cache hit. The default vocab_size and the BPE tokenizer log no such warning."""
+    source = tmp_path / "text.txt"
+    source.write_text("hello world, hello text\n" * 20)
+    config = DataConfig(path=str(source), tokenizer=tokenizer, vocab_size=300, cache_dir=str(tmp_path / "cache"))
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="groundthink.data"):
+            data = prepare_data(config)
+        assert data.tokenizer.kind == "char"
+        assert "data.vocab_size=300 (--vocab-size) is ignored" in caplog.text
+    for quiet in (dataclasses.replace(config, vocab_size=DataConfig.vocab_size),
+                  dataclasses.replace(config, tokenizer="bpe")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="groundthink.data"):
+            prepare_data(quiet)
+        assert "is ignored" not in caplog.text
+
+
+def test_cli_char_vocab_size_warns(tmp_path, caplog):
+    """`train --tokenizer char --vocab-size 300` warns on its log that --vocab-size is ignored."""
+    from groundthink.cli import main
+
+    source = tmp_path / "text.txt"
+    source.write_text("hello world, hello text\n" * 50)
+    with caplog.at_level(logging.WARNING):
+        code = main(["train", "--data", str(source), "--tokenizer", "char", "--vocab-size", "300",
+                     "--out", str(tmp_path / "run"), "--set", f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}",
+                     "--set", "data.seq_len=16", "--set", "train.max_steps=1", "--set", "train.batch_size=2",
+                     "--set", "model.d_model=16", "--set", "model.n_heads=2", "--set", "model.head_dim=8",
+                     "--set", "model.layer_pattern=GS", "--set", "train.num_threads=1",
+                     "--set", "train.progress_bar=false"])
+    assert code == 0
+    assert "data.vocab_size=300 (--vocab-size) is ignored" in caplog.text
 
 
 # ---------------------------------------------------------------------------- batches

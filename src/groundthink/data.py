@@ -194,10 +194,16 @@ def _cache_key(config: DataConfig, splits: TextSplits) -> str:
     return digest.hexdigest()[:20]
 
 
+def tokenizer_kind(config: DataConfig, train_chars: int) -> str:
+    """Return "char" or "bpe": config.tokenizer, with "auto" resolved by the training text's length."""
+    if config.tokenizer != "auto":
+        return config.tokenizer
+    return "char" if train_chars < AUTO_BPE_MIN_CHARS else "bpe"
+
+
 def build_tokenizer(config: DataConfig, train_text: str) -> Tokenizer:
-    kind = config.tokenizer
-    if kind == "auto":
-        kind = "char" if len(train_text) < AUTO_BPE_MIN_CHARS else "bpe"
+    kind = tokenizer_kind(config, len(train_text))
+    if config.tokenizer == "auto":
         log.info("tokenizer: %s (auto: %d training characters, BPE from %d)", kind, len(train_text),
                  AUTO_BPE_MIN_CHARS)
     if kind == "char":
@@ -210,6 +216,11 @@ def prepare_data(config: DataConfig) -> PreparedData:
     """Tokenize a data source into the cache (once) and return its memory-mapped splits."""
     config.validate()
     splits = load_splits(config)
+    # NOTE: a vocab_size equal to the default (4096) is indistinguishable from an unset one, so it gets no warning.
+    if config.vocab_size != DataConfig.vocab_size and tokenizer_kind(config, len(splits.train)) == "char":
+        log.warning("data.vocab_size=%d (--vocab-size) is ignored: it sets the size of the BPE tokenizer, and the "
+                    "char tokenizer has one id per distinct character of the text; pass --tokenizer bpe to use it",
+                    config.vocab_size)
     cache_root = config.resolved_cache_dir() / "tokens"
     cache_path = cache_root / _cache_key(config, splits)
     if not (cache_path / "meta.json").exists():
