@@ -120,6 +120,19 @@ def test_time_budget_stops_early(text_file, tmp_path):
     assert load_checkpoint(tmp_path / "run")[3]["step"] == 1
 
 
+def test_warmup_longer_than_run_warns(text_file, tmp_path, caplog):
+    """A run that ends inside its warm-up says that its lr never reaches lr and ends below min_lr."""
+    run = tiny_run(text_file, tmp_path / "cache", "train.max_steps=2", "train.warmup_steps=10")
+    with caplog.at_level("WARNING", logger="groundthink.train"):
+        train(run, tmp_path / "run")
+    assert "warmup_steps=10 exceeds max_steps=2" in caplog.text
+    caplog.clear()
+    run = tiny_run(text_file, tmp_path / "cache", "train.max_steps=2", "train.warmup_steps=1")
+    with caplog.at_level("WARNING", logger="groundthink.train"):
+        train(run, tmp_path / "run2")
+    assert "warmup_steps" not in caplog.text
+
+
 def test_non_finite_loss_rejected(text_file, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "forward_backward", lambda model, batches, runtime: torch.tensor(float("nan")))
     run = tiny_run(text_file, tmp_path / "cache", "train.save_interval=1")

@@ -728,6 +728,11 @@ def _log_startup(run: RunConfig, run_config: dict[str, Any], run_dir: Path, data
     log.info("gated delta rule backend: %s (%s)", backend, reason)
     log.info("tokens per update: %s; starting at step %d of %d%s", f"{tokens_per_step:,}", step,
              run.train.max_steps, f", time budget {run.train.max_minutes:g} min" if run.train.max_minutes else "")
+    if run.train.warmup_steps > run.train.max_steps:
+        final_lr = learning_rate(run.train, run.train.max_steps - 1, 0.0)
+        log.warning("warmup_steps=%d exceeds max_steps=%d: the lr peaks below lr=%g and ends at %.3g, under "
+                    "min_lr=%g; lower train.warmup_steps", run.train.warmup_steps, run.train.max_steps,
+                    run.train.lr, final_lr, run.train.min_lr)
 
 
 def _data_summary(data: PreparedData) -> str:
