@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -27,7 +26,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from groundthink.atomic import atomic_write, atomic_write_text, fsync_dir
+from groundthink.atomic import atomic_write, atomic_write_text, fsync_dir, make_temp_dir
 from groundthink.shakespeare import default_cache_dir, ensure_corpus
 from groundthink.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
@@ -234,7 +233,7 @@ def _build_cache(config: DataConfig, splits: TextSplits, cache_path: Path) -> No
     """Tokenize both splits into a temporary folder, then rename it to `cache_path`."""
     tokenizer = build_tokenizer(config, splits.train)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=cache_path.name + ".tmp-", dir=cache_path.parent))
+    tmp = make_temp_dir(cache_path.name + ".tmp-", cache_path.parent)
     try:
         meta = {"format": CACHE_FORMAT_VERSION, "source": splits.description, "tokenizer": tokenizer.kind,
                 "vocab_size": tokenizer.vocab_size, "splits": {}}
