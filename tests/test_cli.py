@@ -98,7 +98,8 @@ def test_mqar_run_folder_and_exact_resume(tmp_path, capsys):
     saved = json.loads((full / "config.json").read_text())
     assert saved["mqar"]["task"] == {"vocab_size": 32, "seq_len": 32, "num_pairs": 4, "power_a": 0.01,
                                      "random_non_queries": True}
-    assert saved["train"]["max_steps"] == 8 and "data" not in saved
+    assert saved["train"]["max_steps"] == 8
+    assert "data" not in saved
     assert not (full / "samples.txt").exists(), "MQAR ids have no text to sample"
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6, 8]
@@ -121,11 +122,11 @@ def test_mqar_run_folder_and_exact_resume(tmp_path, capsys):
     assert main(mqar_args(part, "--resume", "--mqar", "num_pairs=8")) == 1
     assert "drop --mqar" in capsys.readouterr().err
     assert main(["-q", "train", "--task", "text", "--out", str(part), "--resume"]) == 1
-    assert "holds a --task mqar run; drop --task text" in capsys.readouterr().err
+    assert "contains a --task mqar run; drop --task text" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("task", ["text", "mqar"])
-def test_run_folder_without_checkpoint_refused(task, text_file, tmp_path, capsys):
+def test_run_folder_without_checkpoint_rejected(task, text_file, tmp_path, capsys):
     """A folder left by a run stopped before its first checkpoint is not silently mixed with a new run."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -137,7 +138,7 @@ def test_run_folder_without_checkpoint_refused(task, text_file, tmp_path, capsys
                  "--out", str(run_dir), "--set", "train.max_steps=2", *common_args(tmp_path)])
     assert code == 1
     err = capsys.readouterr().err
-    assert f"run folder {run_dir} already holds config.json, metrics.jsonl" in err
+    assert f"run folder {run_dir} already contains config.json, metrics.jsonl" in err
     assert "pass another --out, or delete the folder" in err
     assert (run_dir / "config.json").read_text() == "{}\n"
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 5}\n'

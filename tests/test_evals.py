@@ -471,7 +471,8 @@ def test_choice_log_likelihoods_match_token_nll():
 
 
 def test_forced_choice_credit_ties_and_margin():
-    """The answer scoring highest earns 1, a tie of k earns 1/k, a loss 0; margins are answer - best other."""
+    """The right value scoring highest earns 1, a tie of k earns 1/k and a loss 0. The margin is the
+    right value's score minus the best other score."""
     result = forced_choice([np.array([-1.0, -2.0, -3.0]), np.array([-1.0, -1.0]), np.array([-5.0, -1.0, -1.0, -1.0])])
     assert result["choice_accuracy"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
     assert result["choice_chance"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 4) / 3)
@@ -485,7 +486,8 @@ def test_niah_forced_choice_oracle_and_uniform(char_tokenizer, variant):
     corpus = np.asarray(char_tokenizer.encode(SHAKESPEARE.read_text(encoding="utf-8")[:20000]))
     example = build_prompt(char_tokenizer, corpus, 300, 0.3, variant, 3, "word", np.random.default_rng(4), foils=3)
     values = [char_tokenizer.decode(f) for f in example["foils"]]
-    assert len(values) == 3 and char_tokenizer.decode(example["answer"]) not in values
+    assert len(values) == 3
+    assert char_tokenizer.decode(example["answer"]) not in values
     text = char_tokenizer.decode(example["prompt"])
     if variant == "single":
         assert not any(v.strip() in text for v in values)

@@ -106,7 +106,7 @@ def test_check_new_run_folder(tmp_path):
     check_new_run_folder(tmp_path / "empty")
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "metrics.jsonl").write_text("")
-    with pytest.raises(CheckpointError, match=r"already holds metrics.jsonl .*pass another --out, or delete"):
+    with pytest.raises(CheckpointError, match=r"already contains metrics.jsonl .*pass another --out, or delete"):
         check_new_run_folder(tmp_path / "used")
     (tmp_path / "used" / "checkpoints" / "step-00000001").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="already contains checkpoints; pass --resume"):
@@ -121,7 +121,7 @@ def test_time_budget_stops_early(text_file, tmp_path):
 
 
 def test_warmup_longer_than_run_warns(text_file, tmp_path, caplog):
-    """A run that ends inside its warm-up says that its lr never reaches lr and ends below min_lr."""
+    """A run that ends inside its warm-up logs that its lr never reaches lr and ends below min_lr."""
     run = tiny_run(text_file, tmp_path / "cache", "train.max_steps=2", "train.warmup_steps=10")
     with caplog.at_level("WARNING", logger="groundthink.train"):
         train(run, tmp_path / "run")

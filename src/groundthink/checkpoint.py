@@ -206,15 +206,20 @@ def _listing(path: Path) -> str:
     for run_dir in (path.parent.parent if path.parent.name == CHECKPOINTS_DIR else None, path.parent):
         if run_dir is not None and (run_dir / CHECKPOINTS_DIR).is_dir():
             root = run_dir / CHECKPOINTS_DIR
-            names = sorted(p.name for p in root.glob("step-*") if (p / MANIFEST).exists())
+            names = _complete_steps(root)
             if not names:
                 return f"; {run_dir} has no complete checkpoint yet"
             return f"; {run_dir} has {', '.join(str(root / name) for name in names)}"
     return ""
 
 
+def _complete_steps(root: Path) -> list[str]:
+    """Return the names of the checkpoint folders in `root` that have a manifest, oldest first."""
+    return sorted(p.name for p in root.glob("step-*") if (p / MANIFEST).exists())
+
+
 def _available(root: Path) -> list[str]:
-    return sorted(p.name for p in root.glob("step-*") if (p / MANIFEST).exists()) or ["(none)"]
+    return _complete_steps(root) or ["(none)"]
 
 
 def verify_checkpoint(folder: Path) -> dict[str, Any]:

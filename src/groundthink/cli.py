@@ -55,7 +55,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "--set model.layer_pattern='\"AAAA\"' (repeatable)")
     parser.add_argument("--out", type=Path, default=None,
                         help="run folder for checkpoints, metrics.jsonl and config.json (default: runs/<time>); "
-                             "it must not hold another run's files")
+                             "it must not contain another run's files")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its latest checkpoint, with its saved config")
     from groundthink.evals.command import add_mqar_train_arguments
@@ -89,7 +89,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # An MQAR run's config.json has an [mqar] section, which run_mqar_train_command reads.
         task = "mqar" if "mqar" in data else "text"
         if args.task not in (None, task):
-            raise ConfigError(f"{args.out} holds a --task {task} run; drop --task {args.task} to resume it")
+            raise ConfigError(f"{args.out} contains a --task {task} run; drop --task {args.task} to resume it")
         args.task = task
         run = apply_overrides({k: v for k, v in data.items() if k != "mqar"}, overrides, origin=str(saved))
     else:

@@ -463,7 +463,7 @@ def sample_text(model: GroundThinkLM, tokenizer: Tokenizer, prompt: np.ndarray, 
 
 
 # ---------------------------------------------------------------------------- run folder
-def _refuse_checkpoints(run_dir: Path) -> None:
+def _check_no_checkpoints(run_dir: Path) -> None:
     checkpoints = run_dir / "checkpoints"
     if checkpoints.is_dir() and any(checkpoints.iterdir()):
         raise CheckpointError(f"run folder {run_dir} already contains checkpoints; pass --resume to continue it "
@@ -471,16 +471,16 @@ def _refuse_checkpoints(run_dir: Path) -> None:
 
 
 def check_new_run_folder(run_dir: str | os.PathLike) -> None:
-    """Refuse a run folder that another run has written into, so that two runs never mix their files.
+    """Raise CheckpointError for a run folder that another run has written into, so two runs never mix files.
 
     A folder with checkpoints can be continued with --resume. A folder with only config.json,
-    metrics.jsonl or samples.txt holds a run stopped before its first checkpoint.
+    metrics.jsonl or samples.txt contains a run stopped before its first checkpoint.
     """
     run_dir = Path(run_dir)
-    _refuse_checkpoints(run_dir)
+    _check_no_checkpoints(run_dir)
     used = [name for name in (RUN_CONFIG, METRICS, SAMPLES) if (run_dir / name).exists()]
     if used:
-        raise CheckpointError(f"run folder {run_dir} already holds {', '.join(used)} of a run that saved no "
+        raise CheckpointError(f"run folder {run_dir} already contains {', '.join(used)} of a run that saved no "
                               "checkpoint, so it cannot be resumed; pass another --out, or delete the folder "
                               "to start that run again")
 
@@ -521,9 +521,10 @@ class TrainResult:
 def train(run: RunConfig, out_dir: str | os.PathLike, resume: bool = False) -> TrainResult:
     """Train a GroundThinkLM as configured, writing checkpoints and metrics into `out_dir`.
 
-    The folder is created once the data and model are ready. Without `resume` a folder with
-    checkpoints is refused; `check_new_run_folder` also refuses one left by a run that saved
-    none (the command line calls it, a sweep restarts such a point in place).
+    The folder is created once the data and model are ready. Without `resume`, a folder with
+    checkpoints is rejected. The command line also calls `check_new_run_folder`, which rejects
+    a folder left by a run that saved no checkpoint, whereas a sweep restarts such a point in place.
+
     With `resume`, continue from the latest checkpoint in `out_dir`. Model,
     optimizer, RNG states and the batch index all resume, so on CPU and without
     a time budget the continued run reproduces an uninterrupted one's losses exactly.
@@ -548,7 +549,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, runtime: Runtime) -> Tra
         checkpoint_dir = resolve_checkpoint(run_dir)
         verify_checkpoint(checkpoint_dir)
     else:
-        _refuse_checkpoints(run_dir)
+        _check_no_checkpoints(run_dir)
 
     # 2. Data: rank 0 fills the cache first, the other ranks then read it.
     if runtime.distributed and not main:

@@ -29,7 +29,7 @@ ablated at the wrong place.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -66,6 +66,17 @@ def cut_global_unsupported(model: nn.Module) -> str | None:
     return None
 
 
+@contextmanager
+def _forward_hooks(hooks: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Register each (module, hook) pair as a forward hook, and remove them all on exit."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _check_position(position: int) -> None:
     if isinstance(position, bool) or not isinstance(position, int) or position < 0:
         raise ValueError(f"invalid ablation position {position!r}: must be a non-negative token index")
@@ -93,12 +104,8 @@ def zero_memory_at(model: nn.Module, position: int, decay: float = DEFAULT_DECAY
             return ablated
         return hook
 
-    handles = [layer.a_proj.register_forward_hook(make_hook(layer)) for layer in gdn_layers(model)]
-    try:
+    with _forward_hooks([(layer.a_proj, make_hook(layer)) for layer in gdn_layers(model)]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -115,12 +122,8 @@ def cut_global_pathway_from(model: nn.Module, position: int) -> Iterator[None]:
         ablated[:, position:] = float("-inf")
         return ablated
 
-    handles = [layer.gate_proj.register_forward_hook(hook) for layer in global_pathway_layers(model)]
-    try:
+    with _forward_hooks([(layer.gate_proj, hook) for layer in global_pathway_layers(model)]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def cut_gdn_output_unsupported(model: nn.Module) -> str | None:
@@ -142,12 +145,8 @@ def cut_gdn_output_from(model: nn.Module, position: int) -> Iterator[None]:
         ablated[:, position:] = 0.0
         return ablated
 
-    handles = [layer.o_proj.register_forward_hook(hook) for layer in gdn_layers(model)]
-    try:
+    with _forward_hooks([(layer.o_proj, hook) for layer in gdn_layers(model)]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 ABLATIONS = {

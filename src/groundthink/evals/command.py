@@ -7,7 +7,7 @@ tables and writes results.json and plots into --out. Text suites read the --spli
 `train --task mqar` trains on generated MQAR batches with `train_mqar` (no data files), using
 the [model] and [train] sections of the run config. It writes a run folder like a text run
 (config.json, metrics.jsonl, checkpoints/, but no samples.txt) that `eval` loads and
-`train --resume` continues. MQAR ids have no text, so its checkpoints' tokenizer holds only
+`train --resume` continues. MQAR ids have no text, so its checkpoints' tokenizer contains only
 the unknown id.
 """
 
@@ -150,7 +150,7 @@ def mqar_task_from_options(items: list[str]):
 def run_mqar_train_command(args, run) -> int:
     """Train the run config's model on MQAR in the run folder args.out, or continue it with args.resume.
 
-    The folder holds config.json ([model], [train] and [mqar]: the target task and the mixture),
+    The folder contains config.json ([model], [train] and [mqar]: the target task and the mixture),
     metrics.jsonl (one record per evaluation: step, loss over the query positions since the
     previous record, eval_accuracy, elapsed_s) and checkpoints/ (every train.save_interval
     updates and at the end). There is no samples.txt: MQAR ids have no text.
@@ -211,7 +211,7 @@ def run_mqar_train_command(args, run) -> int:
                                       "with another --out")
         state = load_trainer_state(checkpoint_dir)
         if "mqar" not in state:
-            raise CheckpointError(f"cannot resume from {checkpoint_dir}: it holds no MQAR training state (no "
+            raise CheckpointError(f"cannot resume from {checkpoint_dir}: it contains no MQAR training state (no "
                                   "optimizer or history); start a new run with another --out")
         load_model_weights(model, checkpoint_dir / WEIGHTS)
         resume_state = state["mqar"]

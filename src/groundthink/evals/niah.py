@@ -215,7 +215,7 @@ def score_cell(model: nn.Module, examples: list[dict[str, Any]], length: int, de
 
 def evaluate_cell(model: nn.Module, tokenizer, corpus: np.ndarray, length: int, depth: float, variant: str,
                   options: NIAHOptions, seed: Sequence[int]) -> dict[str, Any]:
-    """Accuracy and confusion rate of `options.examples` prompts of one cell."""
+    """Build and score the prompts of one cell: exact-match accuracy, confusion rate and the forced choice."""
     examples = build_cell(tokenizer, corpus, length, depth, variant, options, seed)
     return score_cell(model, examples, length, depth, variant, options)
 

@@ -149,7 +149,7 @@ def choice_log_likelihoods(model: nn.Module, prompts: torch.Tensor, choices: Seq
                            batch_size: int) -> list[np.ndarray]:
     """Log-likelihood (nats, summed over tokens) of each candidate continuation of each prompt.
 
-    prompts is [n, P]; choices[i] holds the candidate id arrays of prompt i. Every (prompt,
+    prompts is [n, P]; choices[i] contains the candidate id arrays of prompt i. Every (prompt,
     candidate) pair is one row of prompt + candidate, right-padded to the longest candidate;
     the model is causal, so the padding does not change the scored positions. Returns one
     float64 array per prompt, in the order of its candidates.
